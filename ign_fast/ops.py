@@ -73,3 +73,19 @@ if HAS_C:
 
     torch.library.register_autograd("ign_fast::per_sample_distance", _per_sample_distance_backward,
                                     setup_context=_per_sample_distance_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nearest_neighbors
+
+def nearest_neighbors(queries, candidates, metric="l2"):
+    """(index [B] int64, distance [B]) of each query's nearest candidate, distance as per_sample_distance."""
+    check_tensor("queries", queries)
+    check_tensor("candidates", candidates)
+    check_distance_kind("metric", metric)
+    if queries[0].numel() != candidates[0].numel() if len(candidates) and len(queries) else False:
+        raise ValueError(f"candidates must have the per-sample size of queries ({queries[0].numel()}), "
+                         f"got {candidates[0].numel()}")
+    if candidates.shape[0] == 0:
+        raise ValueError("candidates must hold at least one row")
+    return reference.nearest_neighbors(queries, candidates, metric)

@@ -18,3 +18,25 @@ def per_sample_distance(a, b, kind="l1"):
     diff = a.to(acc) - b.to(acc)
     diff = diff.abs() if kind == "l1" else diff.square()
     return diff.reshape(a.shape[0], math.prod(a.shape[1:])).mean(dim=1)
+
+
+def nearest_neighbors(queries, candidates, metric="l2", chunk_size=1024):
+    """For each query row, the index of the nearest candidate row and its distance, with distance the
+    per-sample mean of |q-c| ("l1") or (q-c)^2 ("l2") as in per_sample_distance; ties go to the lowest
+    index. Candidates are scanned in chunks so the B×M matrix is never held whole."""
+    acc = accumulate_dtype(queries.dtype)
+    q = queries.reshape(queries.shape[0], -1).to(acc)
+    c = candidates.reshape(candidates.shape[0], -1).to(acc)
+    dim = q.shape[1]
+    best = torch.full((q.shape[0],), float("inf"), dtype=acc, device=q.device)
+    best_index = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    for start in range(0, c.shape[0], chunk_size):
+        block = c[start:start + chunk_size]
+        p = 1.0 if metric == "l1" else 2.0
+        dist = torch.cdist(q.unsqueeze(0), block.unsqueeze(0), p=p).squeeze(0)
+        dist = (dist if metric == "l1" else dist.square()) / dim
+        value, index = dist.min(dim=1)  # min returns the first minimum: lowest index within the chunk
+        better = value < best           # strict: earlier chunks win ties
+        best = torch.where(better, value, best)
+        best_index = torch.where(better, index + start, best_index)
+    return best_index, best

@@ -22,6 +22,13 @@ def frozen_state(model):
     return state
 
 
+def has_batch_coupling(model):
+    """Whether one sample's output depends on the rest of its batch: BatchNorm using batch statistics
+    (train mode, or no running statistics at all)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+               for m in model.modules())
+
+
 def check_step_inputs(x, z, check_values=True):
     check_tensor("x", x, min_dim=2)
     check_tensor("z", z, min_dim=2)

