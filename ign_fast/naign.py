@@ -62,7 +62,7 @@ class NAIGNStep:
     """One NAIGN update. step(x, z_pool) where z_pool holds k·B noise samples (a fresh pool each call, or
     None to let the step keep and refresh its own pool via `sample_noise`)."""
 
-    def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=1024):
+    def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=1024, amp_dtype=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -73,6 +73,7 @@ class NAIGNStep:
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.sample_noise = sample_noise
         self.candidate_chunk = candidate_chunk
+        self.amp_dtype = amp_dtype
         self.calls = 0
         self.pool = None
 
@@ -108,7 +109,8 @@ class NAIGNStep:
     def __call__(self, x, z_pool=None):
         check_step_inputs(x, x)
         self.optimizer.zero_grad(set_to_none=True)
-        total, rec, imle, idem, nn_distance = self.forward_loss(x, z_pool)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            total, rec, imle, idem, nn_distance = self.forward_loss(x, z_pool)
         total.backward()
         self.optimizer.step()
         self.calls += 1

@@ -1,5 +1,9 @@
 """One IGN training update for any nn.Module whose output has its input's shape.
 
+mode="fused" (ign_fast/fused_step.py) computes f(x) and f(z) in one call where the model has no batch
+coupling, f(f(z)) once, and copies no weights; its gradients equal the reference's. mode="graph" captures
+the fused step whole (forward, backward, optimizer update) as a CUDA graph (ign_fast/graph_step.py).
+
 mode="reference" is the plain version, written to be read and used as the oracle for the fast modes:
 four calls in the order f_θ(x), f_θ(z), f_θ(sg f_θ(z)), f_θ'(f_θ(z)), each in the module's current mode.
 θ' is not a deep copy: torch.func.functional_call runs the module on detached parameters (same values,
@@ -12,7 +16,7 @@ from torch.func import functional_call
 from .objectives import IGNLoss
 from .validation import check_finite, check_tensor
 
-STEP_MODES = ("reference",)
+STEP_MODES = ("reference", "fused", "graph")
 
 
 def frozen_state(model):
@@ -53,9 +57,15 @@ def check_output(name, out, inp):
 
 
 class IGNStep:
-    """zero_grad, forward, backward, optimizer.step(); returns a dict of floats: loss, rec, idem, tight."""
+    """zero_grad, forward, backward, optimizer.step(); returns a dict of floats: loss, rec, idem, tight.
 
-    def __init__(self, model, optimizer, loss=None, mode="reference"):
+    mode: "reference" (the readable oracle), "fused" (one second application, no weight copy, same
+    gradients), "graph" (fused, captured as a CUDA graph; fused on CPU). amp_dtype: run the forward under
+    torch.autocast with this dtype (e.g. torch.bfloat16 on GPU). check_inputs: reject NaN/inf in x and z
+    (one host sync per step).
+    """
+
+    def __init__(self, model, optimizer, loss=None, mode="reference", amp_dtype=None, check_inputs=True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -66,10 +76,42 @@ class IGNStep:
             raise TypeError(f"loss must be an ign_fast.IGNLoss, got {type(loss).__name__}")
         if mode not in STEP_MODES:
             raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
+        if amp_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
         self.model, self.optimizer, self.loss, self.mode = model, optimizer, loss, mode
+        self.amp_dtype, self.check_inputs = amp_dtype, check_inputs
+        self.last_plan = None
+        self.graph_runner = None
+        if mode == "graph":
+            from .graph_step import graph_runner_or_none
 
-    def forward_loss(self, x, z):
+            self.graph_runner = graph_runner_or_none(self)
+
+    def forward_loss(self, x, z, sync_free=False):
         """The objective's terms for one batch, with the graph attached: (total, rec, idem, tight)."""
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
+                            cache_enabled=not sync_free):
+            if self.mode == "reference":
+                return self._reference_forward(x, z)
+            return self._fused_forward(x, z, sync_free)
+
+    def _fused_forward(self, x, z, sync_free):
+        from .fused_step import shared_second_application
+
+        model = self.model
+        coupled = has_batch_coupling(model)
+        if coupled:  # BatchNorm with batch statistics: separate calls, so each sees the reference's batch
+            fx = check_output("f(x)", model(x), x)
+            fz = check_output("f(z)", model(z), z)
+        else:
+            both = torch.cat([x, z])
+            out = check_output("f(x, z)", model(both), both)
+            fx, fz = out[: x.shape[0]], out[x.shape[0]:]
+        f_fz, ff_z, self.last_plan = shared_second_application(model, fz, self.loss, coupled, sync_free)
+        return self.loss(x, fx, fz, f_fz, ff_z)
+
+    def _reference_forward(self, x, z):
         model = self.model
         fx = check_output("f(x)", model(x), x)
         fz = check_output("f(z)", model(z), z)
@@ -77,11 +119,21 @@ class IGNStep:
         f_fz = functional_call(model, frozen_state(model), (fz,))  # f_θ'(f_θ(z)): idem role, into fz only
         return self.loss(x, fx, fz, f_fz, ff_z)
 
-    def __call__(self, x, z):
-        check_step_inputs(x, z)
-        self.optimizer.zero_grad(set_to_none=True)
-        total, rec, idem, tight = self.forward_loss(x, z)
+    def run_fused_update(self, x, z, sync_free=False):
+        """One update without host synchronisation; returns the four terms as 0-dim tensors. With
+        sync_free the gradients are not reset (a captured graph overwrites them on every replay)."""
+        if not sync_free:
+            self.optimizer.zero_grad(set_to_none=True)
+        total, rec, idem, tight = self.forward_loss(x, z, sync_free)
         total.backward()
         self.optimizer.step()
-        return {"loss": total.item(), "rec": rec.mean().item(), "idem": idem.mean().item(),
-                "tight": tight.mean().item()}
+        return {"loss": total.detach(), "rec": rec.detach().mean(), "idem": idem.detach().mean(),
+                "tight": tight.detach().mean()}
+
+    def __call__(self, x, z):
+        check_step_inputs(x, z, check_values=self.check_inputs)
+        if self.graph_runner is not None:
+            out = self.graph_runner(x, z)
+        else:
+            out = self.run_fused_update(x, z)
+        return {k: float(v) for k, v in out.items()}

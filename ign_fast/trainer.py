@@ -82,7 +82,7 @@ def validate_config(c):
 
     choices = {"objective": ("ign", "naign"), "data": DATASET_NAMES, "model": MODEL_NAMES,
                "norm": ("batch", "group", "none"), "distance": ("l1", "l2"), "prior": PRIOR_KINDS,
-               "step_mode": ("auto", "reference"), "amp": ("auto", "bf16", "none")}
+               "step_mode": ("auto", "reference", "fused", "graph"), "amp": ("auto", "bf16", "none")}
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {getattr(c, name)!r}")
@@ -116,15 +116,17 @@ def build_model_for(config, sample_shape):
                        width=config.width, norm=config.norm)
 
 
-def build_step(config, model, optimizer, sample_noise):
+def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
     if config.objective == "ign":
         loss = IGNLoss(config.distance, config.lambda_rec, config.lambda_idem, config.lambda_tight,
                        config.tight_clamp_ratio)
-        mode = "reference" if config.step_mode == "auto" else config.step_mode
-        return IGNStep(model, optimizer, loss=loss, mode=mode)
+        mode = config.step_mode
+        if mode == "auto":  # the whole update as a CUDA graph on GPU; on CPU the fused step
+            mode = "graph" if device.type == "cuda" else "fused"
+        return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype)
     loss = NAIGNLoss(config.distance, config.lambda_rec, config.lambda_imle, config.lambda_idem,
                      config.candidates, config.refresh_every)
-    return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise)
+    return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype)
 
 
 class MetricsLog:
@@ -177,14 +179,15 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
         self.loader = InMemoryLoader(self.data, c.batch_size, seed=c.seed)
         self.noise_generator = torch.Generator().manual_seed(c.seed + 1)
-        self.step_fn = build_step(c, self.model, self.optimizer, self.sample_noise)
+        self.amp = c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda")
+        self.step_fn = build_step(c, self.model, self.optimizer, self.sample_noise, self.device,
+                                  torch.bfloat16 if self.amp else None)
         self.step = 0
         os.makedirs(c.out, exist_ok=True)
         resume_step = None
         if resume:
             resume_step = self._load(c.out)
         self.metrics = MetricsLog(os.path.join(c.out, "metrics.csv"), resume_step if resume else None)
-        self.amp = (c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda"))
         with open(os.path.join(c.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(c), f, indent=2)
 
@@ -235,11 +238,10 @@ class Trainer:
 
     def train_step(self):
         x = self.loader.next_batch().to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if isinstance(self.step_fn, IGNStep):
-                out = self.step_fn(x, self.sample_noise(x.shape[0]))
-            else:
-                out = self.step_fn(x)
+        if isinstance(self.step_fn, IGNStep):
+            out = self.step_fn(x, self.sample_noise(x.shape[0]))
+        else:
+            out = self.step_fn(x)
         self.step += 1
         return out
 
