@@ -1,0 +1,68 @@
+"""Timing helpers shared by the benchmarks: median wall time (CUDA-synchronised), peak memory, device facts."""
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, warmup=2, repeats=10, min_seconds=0.0):
+    """Median seconds per call of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if len(times) >= 10 * repeats:
+            break
+    return statistics.median(times)
+
+
+def peak_memory(fn, device):
+    """Peak bytes allocated by fn() on CUDA; None on CPU (no allocator statistics there)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def copy_bandwidth(device, nbytes=1 << 28):
+    """Measured device copy bandwidth in bytes/s (read + write), the ceiling for memory-bound kernels."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, warmup=3, repeats=10)
+    return 2 * nbytes / t
+
+
+def matmul_rate(device, dtype=torch.bfloat16, n=8192):
+    """Measured dense matmul rate in FLOP/s for dtype (the 'matrix peak' a step is compared with)."""
+    if torch.device(device).type == "cpu":
+        n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = median_time(lambda: a @ b, device, warmup=3, repeats=10)
+    return 2 * n ** 3 / t
+
+
+def device_name(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def fmt_bytes(n):
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
