@@ -83,7 +83,7 @@ def _load(args):
 def cmd_sample(args):
     from safetensors.torch import save_file
 
-    from .images import hstack_grids, make_grid, save_png
+    from .images import hstack, image_grid, save_array_png
     from .inference import apply_f
 
     model, prior, meta, device = _load(args)
@@ -98,8 +98,9 @@ def cmd_sample(args):
     save_file({"z": z.cpu().contiguous(), "f_z": fz.cpu().contiguous(), "ff_z": ffz.cpu().contiguous(),
                f"f{args.steps}_z": fnz.cpu().contiguous()}, os.path.join(out, "samples.safetensors"))
     if fz.dim() == 4:
-        grid = hstack_grids([make_grid(t) for t in (fz, ffz, fnz)])
-        path = save_png(grid, os.path.join(out, "samples.png"))
+        nrow = max(1, int(args.n ** 0.5))
+        grid = hstack([image_grid(t.float().cpu(), nrow=nrow) for t in (fz, ffz, fnz)])
+        path = save_array_png(grid, os.path.join(out, "samples.png"))
         print(f"f(z) | f(f(z)) | f^{args.steps}(z): {path}")
     print(f"tensors: {os.path.join(out, 'samples.safetensors')}")
     return 0
@@ -143,7 +144,7 @@ def psnr(a, b, peak_to_peak=2.0):
 
 def cmd_project(args):
     from .data import load_mnist5k
-    from .images import load_png, make_grid, save_png
+    from .images import image_grid, load_png, save_array_png, save_png, vstack
     from .inference import apply_f
 
     model, prior, meta, device = _load(args)
@@ -169,9 +170,8 @@ def cmd_project(args):
     corrupted = corrupt(clean, args.corruption, torch.Generator().manual_seed(args.seed))
     projected = apply_f(model, corrupted.to(device), args.steps).cpu()
     before, after = psnr(corrupted, clean), psnr(projected, clean)
-    grid = torch.cat([make_grid(t, nrow=args.n if args.n <= 16 else 16) for t in (clean[:16], corrupted[:16],
-                                                                                   projected[:16])], dim=1)
-    path = save_png(grid, os.path.join(out, f"project_{args.corruption}.png"))
+    grid = vstack([image_grid(t[:16], nrow=16) for t in (clean, corrupted, projected)])
+    path = save_array_png(grid, os.path.join(out, f"project_{args.corruption}.png"))
     print(f"{args.corruption}: PSNR to clean digits {before:.2f} dB before, {after:.2f} dB after f^{args.steps} "
           f"({args.n} held-out digits)")
     print(f"clean / corrupted / projected: {path}")

@@ -11,7 +11,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import InMemoryLoader, load_dataset
-from .images import save_grid
+from .images import save_image_grid
 from .inference import generate
 from .models import build_model
 from .naign import NAIGNLoss, NAIGNStep
@@ -250,7 +250,7 @@ class Trainer:
             z = self.prior.sample(n, generator=torch.Generator().manual_seed(1234)).to(self.device)
             fz = generate(self.model, z)
         if fz.dim() == 4:
-            save_grid(fz, path, nrow=int(math.sqrt(n)))
+            save_image_grid(fz.float().cpu(), path, nrow=int(math.sqrt(n)))
         return path
 
     def fit(self, steps=None):
