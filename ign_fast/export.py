@@ -18,10 +18,12 @@ ONNX (which has no complex tensors) can carry it too.
 Normalisation: ign_fast applies BatchNorm models with batch statistics at inference (ign_fast/inference.py),
 so each BatchNorm layer is exported as train-mode normalisation that never touches running statistics.
 """
+import contextlib
 import copy
 import json
 import math
 import os
+import warnings
 from typing import List, Optional
 
 import torch
@@ -295,6 +297,17 @@ def _attach_onnx_metadata(path, metadata):
     onnx.save(proto, path)
 
 
+@contextlib.contextmanager
+def _quiet_torchscript_deprecation():
+    """Recent torch marks torch.jit.script/save/load deprecated; TorchScript remains the one format libtorch C++
+    loads and the only one whose loop count and batch stay free at run time, so the warning tells our user
+    nothing they can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.(script|save|load).* is deprecated",
+                                category=DeprecationWarning)
+        yield
+
+
 def export_projector(model, path, steps=1, format="torchscript", prior=None):
     """Write f^steps (and generation from prior, when given) to path in format; returns the written paths,
     path first. model is an ign_fast model (ign_fast.models); prior a GaussianPrior or FourierPrior."""
@@ -306,13 +319,14 @@ def export_projector(model, path, steps=1, format="torchscript", prior=None):
     model = copy.deepcopy(model).cpu().float()
     if prior is not None:
         prior = copy.deepcopy(prior).cpu()
-    projector = ExportedProjector(model, steps, prior).cpu()
+    projector = ExportedProjector(model, steps, prior).cpu().eval()
     metadata = _metadata(projector, format, steps, model)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if format == "torchscript":
-        scripted = torch.jit.script(projector)
-        torch.jit.save(scripted, path, _extra_files={METADATA_NAME: json.dumps(metadata)})
+        with _quiet_torchscript_deprecation():
+            scripted = torch.jit.script(projector)
+            torch.jit.save(scripted, path, _extra_files={METADATA_NAME: json.dumps(metadata)})
         return [path]
     if format == "export":
         forward_program, generate_program = _export_programs(projector, steps)
@@ -345,7 +359,8 @@ def load_torchscript(path, map_location="cpu"):
         raise ValueError(f"export file {path!r} does not exist")
     extra = {METADATA_NAME: ""}
     try:
-        module = torch.jit.load(path, map_location=map_location, _extra_files=extra)
+        with _quiet_torchscript_deprecation():
+            module = torch.jit.load(path, map_location=map_location, _extra_files=extra)
     except Exception as error:  # torch raises RuntimeError for bad zips, ValueError/OSError for other damage
         raise ValueError(f"export file {path!r} is corrupt or not a TorchScript file ({_first_line(error)})") \
             from None

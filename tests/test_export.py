@@ -56,6 +56,17 @@ def seeded_eps(noise_shape, n, seed):
 CASES = [("batch", "fourier"), ("group", "gaussian"), ("batch", "gaussian"), ("group", "fourier")]
 
 
+@pytest.fixture(scope="module")
+def batch_fourier(tmp_path_factory):
+    """A batch-norm model with a fourier prior exported once as TorchScript and torch.export (steps 2), shared
+    by the tests that load those files elsewhere (torch-only process, C++)."""
+    folder = tmp_path_factory.mktemp("batch_fourier")
+    model, prior = make_model("batch"), make_prior("fourier")
+    export_projector(model, str(folder / "f.pt"), steps=2, prior=prior)
+    export_projector(model, str(folder / "f.pt2"), steps=2, format="export", prior=prior)
+    return folder, model, prior
+
+
 @pytest.mark.parametrize("norm, prior_kind", CASES)
 def test_torchscript_matches_eager_with_free_batch_and_steps(tmp_path, norm, prior_kind):
     model, prior = make_model(norm), make_prior(prior_kind)
@@ -106,10 +117,15 @@ def test_exported_fourier_prior_equals_irfft2_sampling(height, width):
 
 
 @pytest.mark.parametrize("norm, prior_kind", CASES[:2])
-def test_torch_export_matches_eager_with_dynamic_batch(tmp_path, norm, prior_kind):
-    model, prior = make_model(norm), make_prior(prior_kind)
-    path = str(tmp_path / "f.pt2")
-    assert export_projector(model, path, steps=2, format="export", prior=prior) == [path, generate_path(path)]
+def test_torch_export_matches_eager_with_dynamic_batch(tmp_path, batch_fourier, norm, prior_kind):
+    if (norm, prior_kind) == ("batch", "fourier"):
+        folder, model, prior = batch_fourier
+        path = str(folder / "f.pt2")
+        assert os.path.isfile(generate_path(path))
+    else:
+        model, prior = make_model(norm), make_prior(prior_kind)
+        path = str(tmp_path / "f.pt2")
+        assert export_projector(model, path, steps=2, format="export", prior=prior) == [path, generate_path(path)]
     forward = torch.export.load(path).module()
     generate = torch.export.load(generate_path(path)).module()
     noise_shape = ExportedPrior(prior).noise_shape
@@ -156,26 +172,18 @@ TORCH_ONLY_LOADER = textwrap.dedent("""
     out["ts_generate"] = scripted.generate(5, 11)
     out["pt2"] = torch.export.load("f.pt2").module()(inputs["x"])
     out["pt2_generate"] = torch.export.load("f.generate.pt2").module()(inputs["eps"])
-    if WITH_ONNX:
-        import onnxruntime
-        session = onnxruntime.InferenceSession("f.onnx", providers=["CPUExecutionProvider"])
-        out["onnx"] = torch.from_numpy(session.run(None, {"x": inputs["x"].numpy()})[0])
     assert not any(name == "ign_fast" or name.startswith("ign_fast.") for name in sys.modules)
     torch.save(out, "outputs.pt")
 """)
 
 
-def test_exported_files_run_where_only_torch_is_installed(tmp_path):
-    model, prior = make_model("batch"), make_prior("fourier")
-    export_projector(model, str(tmp_path / "f.pt"), steps=2, prior=prior)
-    export_projector(model, str(tmp_path / "f.pt2"), steps=2, format="export", prior=prior)
-    with_onnx = HAS_ORT and os.environ.get("IGN_FAST_SKIP_ONNX_SUBPROCESS") is None
-    if with_onnx:
-        export_projector(model, str(tmp_path / "f.onnx"), steps=2, format="onnx", prior=None)
+def test_exported_files_run_where_only_torch_is_installed(batch_fourier):
+    # (ONNX files need onnxruntime, not torch, to run: their own test covers them.)
+    tmp_path, model, prior = batch_fourier
     x = torch.randn(3, *SHAPE)
     eps = seeded_eps(ExportedPrior(prior).noise_shape, 4, 9)
     torch.save({"x": x, "eps": eps}, tmp_path / "inputs.pt")
-    (tmp_path / "loader.py").write_text(f"WITH_ONNX = {with_onnx}\n" + TORCH_ONLY_LOADER)
+    (tmp_path / "loader.py").write_text(TORCH_ONLY_LOADER)
     # -I: no cwd, user site or PYTHON* variables on the path; -S: no site-packages .pth files, which is where an
     # editable install of ign_fast hooks itself in. Only the folder holding torch (and its dependencies) is added.
     site_packages = os.path.dirname(os.path.dirname(torch.__file__))
@@ -184,7 +192,7 @@ def test_exported_files_run_where_only_torch_is_installed(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = torch.load(tmp_path / "outputs.pt")
-    for key in ("ts", "pt2") + (("onnx",) if with_onnx else ()):
+    for key in ("ts", "pt2"):
         torch.testing.assert_close(out[key], apply_f(model, x, 2), atol=ATOL, rtol=0)
     torch.testing.assert_close(out["ts_steps3"], apply_f(model, x, 3), atol=ATOL, rtol=0)
     torch.testing.assert_close(out["ts_generate"], eager_generate(model, prior, 5, 11, 2), atol=ATOL, rtol=0)
@@ -239,8 +247,12 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     eager, exported = Projector.load(run), Projector.load(out)
     torch.testing.assert_close(exported.generate(6, steps=2, seed=3), eager.generate(6, steps=2, seed=3),
                                atol=ATOL, rtol=0)
-    assert main(["export", run, "--format", "export", "--out", str(tmp_path / "g.pt2"), "--no-prior"]) == 0
-    assert os.path.isfile(tmp_path / "g.pt2") and not os.path.exists(tmp_path / "g.generate.pt2")
+    assert main(["export", run, "--out", str(tmp_path / "g.pt"), "--no-prior"]) == 0
+    projector_only = Projector.load(str(tmp_path / "g.pt"))
+    torch.testing.assert_close(projector_only.project(eager.noise(3, seed=1)), eager.project(eager.noise(3, seed=1)),
+                               atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="no prior"):
+        projector_only.generate(2)
     capsys.readouterr()
     for argv, message in [
         (["export", run, "--format", "keras", "--out", out], "format must be one of"),
@@ -276,7 +288,7 @@ def read_f32(path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None, reason="needs cmake and c++")
-def test_cpp_example_matches_python(tmp_path):
+def test_cpp_example_matches_python(tmp_path, batch_fourier):
     # Built once into build/cpp-example (kept between runs: the first build takes about a minute here).
     build = _cpp_build_dir()
     prefix = torch.utils.cmake_prefix_path
@@ -286,8 +298,8 @@ def test_cpp_example_matches_python(tmp_path):
         result = subprocess.run(command, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     binary = os.path.join(build, "ign_project")
-    model, prior = make_model("batch"), make_prior("fourier")
-    export_projector(model, str(tmp_path / "f.pt"), steps=2, prior=prior)
+    folder, model, prior = batch_fourier
+    shutil.copy(folder / "f.pt", tmp_path / "f.pt")
     x = torch.rand(3, *SHAPE) * 2 - 1
     write_f32(x, tmp_path / "in.f32")
     commands = [[binary, "f.pt", "project", "in.f32", "projected.f32"],
