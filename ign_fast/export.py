@@ -230,6 +230,7 @@ class _FromNoise(nn.Module):
     def __init__(self, projector: ExportedProjector):
         super().__init__()
         self.projector = projector
+        self.eval()
 
     def forward(self, eps: torch.Tensor) -> torch.Tensor:
         return self.projector.from_noise(eps)
