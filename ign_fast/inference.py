@@ -142,6 +142,8 @@ class Projector:
         if missing:
             raise ValueError(f"path_or_checkpoint dict lacks {', '.join(missing)} (use load_checkpoint)")
         meta = state["meta"]
+        if not isinstance(meta, dict) or "model_config" not in meta or "prior_config" not in meta:
+            raise ValueError("path_or_checkpoint dict's meta lacks model_config or prior_config")
         model = build_model(**meta["model_config"])
         model.load_state_dict(state["model"])
         model = model.to(device).eval()

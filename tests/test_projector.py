@@ -186,6 +186,7 @@ def test_bad_arguments_name_themselves(runs, tmp_path):
         (lambda: projector.interpolate(z[0], z[1], 0), "n must be a positive integer"),
         (lambda: projector.arithmetic(z[0], z[1], torch.rand(5)), "z_c must have shape"),
         (lambda: Projector.load({"meta": {}}), "lacks model, prior"),
+        (lambda: Projector.load({"meta": {}, "model": {}, "prior": {}}), "lacks model_config or prior_config"),
         (lambda: Projector.load(str(tmp_path / "nothing")), "does not exist"),
     ]:
         with pytest.raises(ValueError) as info:
