@@ -152,10 +152,13 @@ def bn_policy(run, n=500, seed=0):
     print(f"data: pixel mean {data.mean():.4f}, std {data.std():.4f}")
     print("| normalisation | drift RMS f(f(z)) vs f(z) | pixel mean | pixel std | RMS to nearest training digit |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for label in ("batch statistics", "running statistics (eval)"):
-        if label.startswith("batch"):
-            fz = apply_f(model, z, 1)
-            ffz = apply_f(model, fz, 1)
+    # Under batch statistics a sample depends on its batch: also measured in small batches, as a user projecting
+    # a few images at a time would run it.
+    for label, chunk in ((f"batch statistics, one batch of {n}", n), ("batch statistics, batches of 8", 8),
+                         ("batch statistics, batches of 1", 1), ("running statistics (eval)", None)):
+        if chunk is not None:
+            fz = torch.cat([apply_f(model, part, 1) for part in z.split(chunk)])
+            ffz = torch.cat([apply_f(model, part, 1) for part in fz.split(chunk)])
         else:
             model.eval()
             fz = model(z)
