@@ -315,6 +315,11 @@ def export_projector(model, path, steps=1, format="torchscript", prior=None):
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     steps = _check_steps(steps)
+    # torch.export's archive reader and ONNX tools go by the extension, and the generation file's name is
+    # derived from it: refuse a path that would make a file those tools mistake for something else.
+    required_suffix = {"export": ".pt2", "onnx": ".onnx"}.get(format)
+    if required_suffix is not None and not os.fspath(path).endswith(required_suffix):
+        raise ValueError(f"path must end in {required_suffix} for format {format!r}, got {os.fspath(path)!r}")
     if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), dict):
         raise TypeError(f"model must be an ign_fast model, got {type(model).__name__}")
     model = copy.deepcopy(model).cpu().float()

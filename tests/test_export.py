@@ -229,6 +229,8 @@ def test_export_arguments_are_checked():
     model = make_model("group")
     one_line_value_error(lambda: export_projector(model, "unused.pt", format="tflite"), "format must be one of")
     one_line_value_error(lambda: export_projector(model, "unused.pt", steps=0), "steps must be")
+    one_line_value_error(lambda: export_projector(model, "unused.pt", format="export"), "must end in .pt2")
+    one_line_value_error(lambda: export_projector(model, "unused.pt", format="onnx"), "must end in .onnx")
     one_line_value_error(lambda: export_projector(model, "unused.pt", prior=GaussianPrior((3, 28, 28))),
                          "prior shape")
     one_line_value_error(lambda: export_projector(model, "unused.pt", prior=FourierPrior(SHAPE)), "unfitted")
@@ -318,3 +320,11 @@ def test_cpp_example_matches_python(tmp_path, batch_fourier):
     result = subprocess.run([binary, "f.pt", "project", "missing.pgm", "o.pgm"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1 and "cannot open missing.pgm" in result.stderr
+
+
+def test_onnx_without_its_packages_is_a_one_line_import_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # what `import onnxscript` meets where it is not installed
+    with pytest.raises(ImportError, match="pip install onnx onnxscript onnxruntime") as info:
+        export_projector(make_model("group"), str(tmp_path / "f.onnx"), format="onnx")
+    assert len(str(info.value).splitlines()) == 1
+    assert not os.path.exists(tmp_path / "f.onnx")
