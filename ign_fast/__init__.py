@@ -1,5 +1,7 @@
 """ign_fast: fast Idempotent Generative Networks (Shocher et al., ICLR 2024) and NAIGN for PyTorch."""
 from ._extension import build_info
+from .export import export_projector
+from .inference import Projector
 from .naign import NAIGNLoss, NAIGNStep
 from .objectives import IGNLoss
 from .ops import get_backend, nearest_neighbors, per_sample_distance, set_backend
@@ -8,4 +10,4 @@ from .step import IGNStep
 __version__ = "0.1.0"
 
 __all__ = ["IGNLoss", "IGNStep", "NAIGNLoss", "NAIGNStep", "build_info", "nearest_neighbors",
-           "per_sample_distance", "set_backend", "get_backend", "__version__"]
+           "export_projector", "Projector", "per_sample_distance", "set_backend", "get_backend", "__version__"]

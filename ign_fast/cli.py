@@ -213,6 +213,18 @@ def cmd_ood(args):
     return 0
 
 
+def cmd_export(args):
+    from .export import export_projector
+    from .inference import load_trained
+
+    model, prior, meta = load_trained(args.checkpoint, "cpu")
+    written = export_projector(model, args.out, steps=args.steps, format=args.format,
+                               prior=None if args.no_prior else prior)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def _add_checkpoint_command(sub, name, help_text):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
@@ -233,17 +245,26 @@ def build_parser():
     p.add_argument("--corruption", default="noise", help="noise | mask | sketch")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--images", nargs="*", default=None, help="PNG/JPEG files to project instead")
+    p.add_argument("--images", nargs="*", default=None,
+                   help="PNG/JPEG files to project instead (resized to the model's size; grayscale files such as "
+                        "sketches or scans are replicated to 3 channels for a colour model)")
     p.add_argument("--out", default=None)
     p = _add_checkpoint_command(sub, "eval", "digit FID, mode coverage, PRDC, novelty of generated digits")
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p = sub.add_parser("export", help="write f^N (and generation from the prior) as a torch-only file")
+    p.add_argument("checkpoint", help="run folder or checkpoint folder")
+    p.add_argument("--format", default="torchscript", help="torchscript | export | onnx (default %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="N in f^N (default %(default)s)")
+    p.add_argument("--out", required=True, help="file to write (.pt for torchscript, .pt2, .onnx)")
+    p.add_argument("--no-prior", action="store_true", help="export the projector only, no generation")
     _add_checkpoint_command(sub, "ood", "AUROC of the drift score: held-out digits vs noise, inverted, rotated")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "project": cmd_project, "eval": cmd_eval, "ood": cmd_ood}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "project": cmd_project, "eval": cmd_eval, "ood": cmd_ood,
+            "export": cmd_export}
 
 
 def main(argv=None):

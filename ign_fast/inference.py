@@ -48,3 +48,176 @@ def load_trained(path, device="cpu"):
     model.load_state_dict(state["model"])
     prior = build_prior(meta["prior_config"], state_dict=state["prior"])
     return model.to(device).eval(), prior, meta
+
+
+def _as_batch(tensor, shape, name):
+    """[*shape] or [B, *shape] -> [B, *shape] float tensor; ValueError naming the argument otherwise."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) == tuple(shape):
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != len(shape) + 1 or tuple(tensor.shape[1:]) != tuple(shape):
+        raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}] or "
+                         f"[{', '.join(map(str, shape))}], got {list(tensor.shape)}")
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor (images in [-1, 1]), got {tensor.dtype}")
+    return tensor
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def slerp(a, b, t):
+    """Spherical blend of [B, ...] a and b per sample at t in [0, 1] (t: [T]) -> [T, B, ...]. Gaussian noise in
+    high dimension lives near a sphere; a straight line between two draws passes through the low-norm interior
+    that f never saw, a great-circle arc does not. Falls back to a linear blend for (anti)parallel pairs."""
+    flat_a, flat_b = a.flatten(1).double(), b.flatten(1).double()
+    cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1)).clamp_min(1e-12)
+    omega = torch.acos(cos.clamp(-1, 1))  # [B]
+    sin = torch.sin(omega)
+    t = t.double().view(-1, 1)  # [T, 1]
+    safe = sin.abs() > 1e-6
+    wa = torch.where(safe, torch.sin((1 - t) * omega) / torch.where(safe, sin, 1.0), 1 - t)
+    wb = torch.where(safe, torch.sin(t * omega) / torch.where(safe, sin, 1.0), t)
+    blend = wa.unsqueeze(-1) * flat_a + wb.unsqueeze(-1) * flat_b  # [T, B, D]
+    return blend.to(a.dtype).view(t.shape[0], *a.shape)
+
+
+class Projector:
+    """A trained f ready to use: generate, project, interpolate, do latent arithmetic, score drift.
+
+    Load with Projector.load(path): a run folder, a checkpoint folder, a checkpoint dict from
+    ign_fast.checkpoint.load_checkpoint, or a TorchScript file written by export_projector. All methods run
+    under the inference normalisation policy of this module (BatchNorm with batch statistics: a sample's output
+    then depends on the rest of its batch). Tensors are images (or vectors) in the model's input space; noise
+    z is the prior's output (image-shaped), which is what f takes as input.
+    """
+
+    def __init__(self, apply, sample_noise, noise_to_input, input_shape, prior_kind, source):
+        self._apply = apply                    # (y, steps) -> f^steps(y)
+        self._sample_noise = sample_noise      # (n, seed) -> standard normal eps
+        self._noise_to_input = noise_to_input  # eps -> z
+        self.input_shape = tuple(input_shape)
+        self.prior_kind = prior_kind           # "gaussian", "fourier" or "none"
+        self.source = source                   # "checkpoint" or "torchscript"
+
+    @classmethod
+    def load(cls, path_or_checkpoint, device="cpu"):
+        import os
+
+        from .export import load_torchscript
+
+        if isinstance(path_or_checkpoint, dict):
+            return cls._from_checkpoint_state(path_or_checkpoint, device)
+        if not isinstance(path_or_checkpoint, (str, os.PathLike)):
+            raise TypeError(f"path_or_checkpoint must be a path or a checkpoint dict, got "
+                            f"{type(path_or_checkpoint).__name__}")
+        path = os.fspath(path_or_checkpoint)
+        if os.path.isdir(path):
+            return cls._from_checkpoint_state(load_checkpoint(path), device)
+        if not os.path.exists(path):
+            raise ValueError(f"path_or_checkpoint {path!r} does not exist")
+        if path.endswith((".pt2", ".onnx")):
+            raise ValueError(f"path_or_checkpoint {path!r} is a torch.export/ONNX file: load it with "
+                             "torch.export.load or onnxruntime (Projector reads folders and TorchScript files)")
+        module, metadata = load_torchscript(path, map_location=device)
+
+        def apply(y, steps):
+            with torch.no_grad():
+                return module(y.to(device), steps)
+
+        def noise_to_input(eps):
+            with torch.no_grad():
+                return module.noise_to_input(eps.to(device))
+
+        return cls(apply, module.sample_noise, noise_to_input, metadata["input_shape"], metadata["prior"],
+                   "torchscript")
+
+    @classmethod
+    def _from_checkpoint_state(cls, state, device):
+        missing = [k for k in ("meta", "model", "prior") if k not in state]
+        if missing:
+            raise ValueError(f"path_or_checkpoint dict lacks {', '.join(missing)} (use load_checkpoint)")
+        meta = state["meta"]
+        if not isinstance(meta, dict) or "model_config" not in meta or "prior_config" not in meta:
+            raise ValueError("path_or_checkpoint dict's meta lacks model_config or prior_config")
+        model = build_model(**meta["model_config"])
+        model.load_state_dict(state["model"])
+        model = model.to(device).eval()
+        prior = build_prior(meta["prior_config"], state_dict=state["prior"])
+
+        def sample_noise(n, seed=None):
+            # Gaussian and Fourier priors draw from standard normal eps of noise_shape; drawing z directly
+            # with prior.sample keeps eager results identical to those of the training code.
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            return prior.sample(n, generator=generator).to(device)
+
+        def apply(y, steps):
+            return apply_f(model, y.to(device), steps)
+
+        projector = cls(apply, sample_noise, lambda z: z, tuple(prior.shape), prior.kind, "checkpoint")
+        projector.model, projector.prior = model, prior
+        return projector
+
+    def noise(self, n, seed=None):
+        """n prior samples z (the inputs of generation); a seed gives the same z in Python, TorchScript and
+        C++ (a CPU torch.Generator)."""
+        if self.prior_kind == "none":
+            raise ValueError("this projector has no prior: it can project but not generate")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        return self._noise_to_input(self._sample_noise(n, seed))
+
+    def generate(self, n, steps=1, seed=None):
+        """f^steps(z) for n prior samples z: [n, *input_shape]."""
+        _check_positive("steps", steps)
+        return self._apply(self.noise(n, seed), steps)
+
+    def _images(self, images, name):
+        # A grayscale image fed to a colour model is replicated over the channels (sketches, scans).
+        if (isinstance(images, torch.Tensor) and len(self.input_shape) == 3 and self.input_shape[0] == 3
+                and images.dim() in (3, 4) and images.shape[-3] == 1):
+            images = images.expand(*images.shape[:-3], 3, *images.shape[-2:])
+        return _as_batch(images, self.input_shape, name)
+
+    def project(self, images, steps=1):
+        """f^steps(images): the nearest data-like images. images: [B, C, H, W] or [C, H, W] in [-1, 1]."""
+        _check_positive("steps", steps)
+        return self._apply(self._images(images, "images"), steps)
+
+    def interpolate(self, z_a, z_b, n, steps=1):
+        """f^steps of n blends from z_a to z_b (both included): slerp for a gaussian prior, linear otherwise
+        (Fourier noise is not centred on a sphere). z_a, z_b: one noise sample each ([*input_shape])."""
+        _check_positive("n", n)
+        _check_positive("steps", steps)
+        z_a, z_b = _as_batch(z_a, self.input_shape, "z_a"), _as_batch(z_b, self.input_shape, "z_b")
+        if z_a.shape[0] != 1 or z_b.shape[0] != 1:
+            raise ValueError(f"z_a and z_b must each be one sample, got batches of {z_a.shape[0]} and "
+                             f"{z_b.shape[0]}")
+        t = torch.linspace(0, 1, n)
+        if self.prior_kind == "gaussian":
+            blends = slerp(z_a, z_b, t)[:, 0]
+        else:
+            t = t.view(-1, *([1] * len(self.input_shape))).to(z_a.dtype)
+            blends = (1 - t) * z_a + t * z_b
+        return self._apply(blends, steps)
+
+    def arithmetic(self, z_a, z_b, z_c, steps=1):
+        """f^steps(z_a - z_b + z_c), batches broadcast: "a is to b as c is to ?" in noise space."""
+        _check_positive("steps", steps)
+        z_a, z_b, z_c = (_as_batch(z, self.input_shape, name) for z, name in ((z_a, "z_a"), (z_b, "z_b"),
+                                                                               (z_c, "z_c")))
+        return self._apply(z_a - z_b + z_c, steps)
+
+    def distance(self, images):
+        """Drift of each sample under one application of f: RMS over its elements of f(y) - y, i.e.
+        ||f(y) - y||_2 / sqrt(numel per sample) -> [B]. Near 0 on the learned data manifold (f(y) = y there),
+        larger off it; per-element RMS so the value does not grow with the image size."""
+        y = self._images(images, "images")
+        fy = self._apply(y, 1)
+        return (fy.float() - y.to(fy.device).float()).square().flatten(1).mean(1).sqrt()

@@ -1,0 +1,382 @@
+"""Export a trained f as a file that runs with torch alone: forward(x) = f^N(x), plus generation from the prior.
+
+Formats (see docs/EXPORT.md):
+  torchscript  one file (torch.jit.script): forward(x, steps=None) with N and the batch size free at run time,
+               and the exported methods generate(n, seed=None, steps=None), sample_noise(n, seed=None) and
+               from_noise(eps, steps=None). Loads in Python (torch.jit.load) and C++ (torch::jit::load).
+  export       torch.export programs with a dynamic batch and N fixed at export time: PATH holds
+               x -> f^N(x); PATH's sibling `<stem>.generate.pt2` holds eps -> f^N(prior(eps)), where eps is
+               standard normal noise of shape [n, *noise_shape] (noise_shape is in the metadata).
+  onnx         the same two graphs as ONNX files (`<stem>.onnx`, `<stem>.generate.onnx`).
+Every file carries a JSON metadata record (IGN_FAST_METADATA) naming the input shape, N, the prior and the
+normalisation that was exported.
+
+Nothing in an exported graph is an ign_fast op: the model is rebuilt from standard torch modules, the prior's
+statistics are baked in as buffers, and the Fourier prior's irfft2 is written as real matrix products so that
+ONNX (which has no complex tensors) can carry it too.
+
+Normalisation: ign_fast applies BatchNorm models with batch statistics at inference (ign_fast/inference.py),
+so each BatchNorm layer is exported as train-mode normalisation that never touches running statistics.
+"""
+import contextlib
+import copy
+import json
+import math
+import os
+import warnings
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import expected_input_shape
+from .noise import FourierPrior, GaussianPrior
+
+FORMATS = ("torchscript", "export", "onnx")
+METADATA_NAME = "ign_fast.json"
+FORMAT_TAG = "ign_fast.projector"
+FORMAT_VERSION = 1
+
+
+class BatchStatisticsNorm(nn.Module):
+    """A BatchNorm layer applied as ign_fast's inference policy does: normalised with the current batch's
+    statistics (train-mode arithmetic, momentum irrelevant), running statistics neither used nor updated."""
+
+    def __init__(self, batch_norm: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        channels = batch_norm.num_features
+        weight = batch_norm.weight if batch_norm.affine else torch.ones(channels)
+        bias = batch_norm.bias if batch_norm.affine else torch.zeros(channels)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.eps = float(batch_norm.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # training=True with no running statistics: the same kernel apply_f runs, so outputs match bit for bit.
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def _with_batch_statistics(module: nn.Module) -> nn.Module:
+    """A copy of module with every BatchNorm replaced by BatchStatisticsNorm."""
+    module = copy.deepcopy(module)
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, BatchStatisticsNorm(child))
+        else:
+            setattr(module, name, _with_batch_statistics(child))
+    return module
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _body_of(model: nn.Module) -> nn.Module:
+    """f as a plain torch module: the ign_fast model classes keep a Python dict config and a Python shape check,
+    which TorchScript cannot compile; the exported wrapper does its own shape check with baked sizes."""
+    name = model.config["name"]
+    if name in ("dcgan28", "dcgan64"):
+        body = nn.Sequential(model.encoder, model.decoder)
+    elif name == "mlp":
+        body = model.net
+    else:
+        raise ValueError(f"model {name!r} cannot be exported")
+    body = _with_batch_statistics(body)
+    body.eval()  # GroupNorm and friends are stateless; eval() only fixes any dropout-like layer
+    for p in body.parameters():
+        p.requires_grad_(False)
+    return body
+
+
+def _fourier_synthesis_matrices(height: int, width: int):
+    """Real matrices that compute irfft2 of an [.., H, W//2+1] spectrum (R, I) as
+        Yr = Ch @ R - Sh @ I,  Yi = Sh @ R + Ch @ I        (inverse DFT along H)
+        x  = Yr @ Cw - Yi @ Sw                               (half-spectrum inverse DFT along W)
+    with Cw, Sw carrying irfft's 1/(H W) scale and the weight 2 of the bins whose mirror is not stored. The
+    imaginary part of columns 0 and W/2 is ignored (their sine rows vanish), as a C2R transform does."""
+    bins = width // 2 + 1
+    h = torch.arange(height, dtype=torch.float64)
+    angle_h = 2 * math.pi * torch.outer(h, h) / height  # [h, k1]
+    k = torch.arange(bins, dtype=torch.float64)
+    w = torch.arange(width, dtype=torch.float64)
+    angle_w = 2 * math.pi * torch.outer(k, w) / width  # [k2, w]
+    weight = torch.full((bins,), 2.0, dtype=torch.float64)
+    weight[0] = 1.0
+    if width % 2 == 0:
+        weight[-1] = 1.0
+    scale = (weight / (height * width)).unsqueeze(1)
+    return (torch.cos(angle_h), torch.sin(angle_h), scale * torch.cos(angle_w), scale * torch.sin(angle_w))
+
+
+class ExportedPrior(nn.Module):
+    """The checkpoint's noise prior as a deterministic map from standard normal noise eps: gaussian is the
+    identity; fourier is mean + std * eps per rfft2 bin, made Hermitian exactly as FourierPrior.sample does,
+    then irfft2 by real matrix products. noise_shape is eps's per-sample shape."""
+
+    def __init__(self, prior):
+        super().__init__()
+        self.kind: str = prior.kind
+        self.output_shape: List[int] = list(prior.shape)
+        if isinstance(prior, GaussianPrior):
+            self.noise_shape: List[int] = list(prior.shape)
+            empty = torch.zeros(0)
+            for name in ("mean_real", "std_real", "mean_imag", "std_imag", "cos_h", "sin_h", "cos_w", "sin_w",
+                         "imag_sign"):
+                self.register_buffer(name, empty.clone())
+            self.register_buffer("source_row", torch.zeros(0, dtype=torch.long))
+            return
+        if not isinstance(prior, FourierPrior):
+            raise ValueError(f"prior must be a GaussianPrior or FourierPrior, got {type(prior).__name__}")
+        if int(prior.num_fitted) == 0:
+            raise ValueError("prior is an unfitted FourierPrior: it has no statistics to export")
+        c, h, w = prior.shape
+        bins = w // 2 + 1
+        self.noise_shape = [2, c, h, bins]
+        for name in ("mean_real", "std_real", "mean_imag", "std_imag"):
+            self.register_buffer(name, getattr(prior, name).detach().float().cpu().clone())
+        # Hermitian completion as an index map: in columns 0 and W/2 a row whose mirror row "keeps" the draw
+        # reads the mirror's value (imaginary part negated); self-conjugate bins get no imaginary part.
+        mirror, keep, self_conj = prior._row_mirror(torch.device("cpu"))
+        source_row = torch.arange(h).unsqueeze(1).repeat(1, bins)
+        imag_sign = torch.ones(h, bins)
+        for j in prior._hermitian_columns():
+            source_row[:, j] = torch.where(keep, torch.arange(h), mirror)
+            imag_sign[:, j] = torch.where(keep, 1.0, -1.0).masked_fill(self_conj, 0.0)
+        self.register_buffer("source_row", source_row)
+        self.register_buffer("imag_sign", imag_sign)
+        for name, matrix in zip(("cos_h", "sin_h", "cos_w", "sin_w"), _fourier_synthesis_matrices(h, w)):
+            self.register_buffer(name, matrix.float())
+
+    def forward(self, eps: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gaussian":
+            return eps
+        real = self.mean_real + self.std_real * eps[:, 0]
+        imag = self.mean_imag + self.std_imag * eps[:, 1]
+        index = self.source_row.expand(real.shape)
+        real = torch.gather(real, 2, index)
+        imag = torch.gather(imag, 2, index) * self.imag_sign
+        row_real = torch.matmul(self.cos_h, real) - torch.matmul(self.sin_h, imag)
+        row_imag = torch.matmul(self.sin_h, real) + torch.matmul(self.cos_h, imag)
+        return torch.matmul(row_real, self.cos_w) - torch.matmul(row_imag, self.sin_w)
+
+
+class ExportedProjector(nn.Module):
+    """forward(x, steps=None) = f^steps(x) (default: the N given at export). generate(n, seed=None, steps=None)
+    draws eps ~ N(0, I) (from torch.Generator().manual_seed(seed) when a seed is given, so Python, TorchScript
+    and C++ draw the same numbers), maps it through the prior and applies f^steps."""
+
+    def __init__(self, model: nn.Module, steps: int = 1, prior=None):
+        super().__init__()
+        self.f = _body_of(model)
+        self.input_shape: List[int] = list(expected_input_shape(model))
+        self.default_steps: int = steps
+        self.has_prior: bool = prior is not None
+        self.prior_kind: str = prior.kind if prior is not None else "none"
+        if prior is not None and list(prior.shape) != self.input_shape:
+            raise ValueError(f"prior shape {list(prior.shape)} does not match the model's input "
+                             f"{self.input_shape}")
+        self.prior = ExportedPrior(prior if prior is not None else GaussianPrior(self.input_shape))
+        self.noise_shape: List[int] = list(self.prior.noise_shape)
+
+    def _check_input(self, x: torch.Tensor):
+        if x.dim() != len(self.input_shape) + 1 or list(x.shape[1:]) != self.input_shape:
+            raise ValueError("x must have shape [batch, " + ", ".join([str(s) for s in self.input_shape])
+                             + "], got " + str(list(x.shape)))
+
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        self._check_input(x)
+        count = self.default_steps if steps is None else steps
+        if count < 1:
+            raise ValueError("steps must be >= 1, got " + str(count))
+        for _ in range(count):
+            x = self.f(x)
+        return x
+
+    @torch.jit.export
+    def sample_noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
+        """Standard normal eps [n, *noise_shape] on the module's device; seeded draws use a CPU generator."""
+        if n < 0:
+            raise ValueError("n must be >= 0, got " + str(n))
+        size = [n] + self.noise_shape
+        device = self.prior.mean_real.device
+        if seed is None:
+            return torch.randn(size, device=device)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        return torch.randn(size, generator=generator).to(device)
+
+    @torch.jit.export
+    def noise_to_input(self, eps: torch.Tensor) -> torch.Tensor:
+        """z = prior(eps): the prior sample f starts from."""
+        return self.prior(eps)
+
+    @torch.jit.export
+    def from_noise(self, eps: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        if not self.has_prior:
+            raise ValueError("this projector was exported without a prior: it cannot generate")
+        return self.forward(self.prior(eps), steps)
+
+    @torch.jit.export
+    def generate(self, n: int, seed: Optional[int] = None, steps: Optional[int] = None) -> torch.Tensor:
+        if not self.has_prior:
+            raise ValueError("this projector was exported without a prior: it cannot generate")
+        return self.from_noise(self.sample_noise(n, seed), steps)
+
+
+class _FromNoise(nn.Module):
+    """eps -> f^N(prior(eps)): the generation graph for formats that hold one program per file."""
+
+    def __init__(self, projector: ExportedProjector):
+        super().__init__()
+        self.projector = projector
+        self.eval()
+
+    def forward(self, eps: torch.Tensor) -> torch.Tensor:
+        return self.projector.from_noise(eps)
+
+
+def generate_path(path):
+    """Where the generation program of a torch.export or ONNX export lives: `<stem>.generate<ext>`."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.generate{ext}"
+
+
+def _check_steps(steps):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps
+
+
+def _metadata(projector, fmt, steps, model):
+    return {
+        "format": FORMAT_TAG, "version": FORMAT_VERSION, "export_format": fmt, "steps": steps,
+        "input_shape": projector.input_shape, "noise_shape": projector.noise_shape,
+        "prior": projector.prior_kind, "model_config": model.config,
+        "normalization": "batch-statistics" if uses_batch_statistics(model) else "eval",
+    }
+
+
+def _example_batch(shape, batch=2):
+    # Batch 2, not 1: torch.export specialises sizes 0 and 1, which would pin the batch dimension.
+    return torch.randn(batch, *shape)
+
+
+def _export_programs(projector, steps):
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=1 << 20)
+    forward_program = torch.export.export(projector, (_example_batch(projector.input_shape),),
+                                          dynamic_shapes={"x": {0: batch}}, strict=False)
+    generate_program = None
+    if projector.has_prior:
+        generate_program = torch.export.export(_FromNoise(projector), (_example_batch(projector.noise_shape),),
+                                               dynamic_shapes={"eps": {0: batch}}, strict=False)
+    return forward_program, generate_program
+
+
+def _export_onnx(module, example, input_name, path):
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs onnx and onnxscript to write the file)
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"format 'onnx' needs the onnx and onnxscript packages ({error}); "
+                          "pip install onnx onnxscript onnxruntime") from None
+    from torch.export import Dim
+
+    program = torch.onnx.export(module, (example,), dynamic_shapes={input_name: {0: Dim("batch", min=1)}},
+                                input_names=[input_name], output_names=["y"], dynamo=True, verbose=False)
+    program.save(path)
+
+
+def _attach_onnx_metadata(path, metadata):
+    import onnx
+
+    proto = onnx.load(path)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_NAME, json.dumps(metadata)
+    onnx.save(proto, path)
+
+
+@contextlib.contextmanager
+def _quiet_torchscript_deprecation():
+    """Recent torch marks torch.jit.script/save/load deprecated; TorchScript remains the one format libtorch C++
+    loads and the only one whose loop count and batch stay free at run time, so the warning tells our user
+    nothing they can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.(script|save|load).* is deprecated",
+                                category=DeprecationWarning)
+        yield
+
+
+def export_projector(model, path, steps=1, format="torchscript", prior=None):
+    """Write f^steps (and generation from prior, when given) to path in format; returns the written paths,
+    path first. model is an ign_fast model (ign_fast.models); prior a GaussianPrior or FourierPrior."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+    steps = _check_steps(steps)
+    # torch.export's archive reader and ONNX tools go by the extension, and the generation file's name is
+    # derived from it: refuse a path that would make a file those tools mistake for something else.
+    required_suffix = {"export": ".pt2", "onnx": ".onnx"}.get(format)
+    if required_suffix is not None and not os.fspath(path).endswith(required_suffix):
+        raise ValueError(f"path must end in {required_suffix} for format {format!r}, got {os.fspath(path)!r}")
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), dict):
+        raise TypeError(f"model must be an ign_fast model, got {type(model).__name__}")
+    model = copy.deepcopy(model).cpu().float()
+    if prior is not None:
+        prior = copy.deepcopy(prior).cpu()
+    projector = ExportedProjector(model, steps, prior).cpu().eval()
+    metadata = _metadata(projector, format, steps, model)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if format == "torchscript":
+        with _quiet_torchscript_deprecation():
+            scripted = torch.jit.script(projector)
+            torch.jit.save(scripted, path, _extra_files={METADATA_NAME: json.dumps(metadata)})
+        return [path]
+    if format == "export":
+        forward_program, generate_program = _export_programs(projector, steps)
+        torch.export.save(forward_program, path, extra_files={METADATA_NAME: json.dumps(metadata)})
+        written = [path]
+        if generate_program is not None:
+            torch.export.save(generate_program, generate_path(path),
+                              extra_files={METADATA_NAME: json.dumps(dict(metadata, program="generate"))})
+            written.append(generate_path(path))
+        return written
+    _export_onnx(projector, _example_batch(projector.input_shape), "x", path)
+    _attach_onnx_metadata(path, metadata)
+    written = [path]
+    if projector.has_prior:
+        _export_onnx(_FromNoise(projector), _example_batch(projector.noise_shape), "eps", generate_path(path))
+        _attach_onnx_metadata(generate_path(path), dict(metadata, program="generate"))
+        written.append(generate_path(path))
+    return written
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_torchscript(path, map_location="cpu"):
+    """(scripted projector, metadata) from a TorchScript export; ValueError (one line) when the file is missing,
+    truncated, corrupt, or not an ign_fast projector."""
+    if not os.path.isfile(path):
+        raise ValueError(f"export file {path!r} does not exist")
+    extra = {METADATA_NAME: ""}
+    try:
+        with _quiet_torchscript_deprecation():
+            module = torch.jit.load(path, map_location=map_location, _extra_files=extra)
+    except Exception as error:  # torch raises RuntimeError for bad zips, ValueError/OSError for other damage
+        raise ValueError(f"export file {path!r} is corrupt or not a TorchScript file ({_first_line(error)})") \
+            from None
+    try:
+        metadata = json.loads(extra[METADATA_NAME])
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_TAG:
+        raise ValueError(f"export file {path!r} is TorchScript but not an ign_fast projector (no {METADATA_NAME})")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise ValueError(f"export file {path!r} has projector format version {metadata.get('version')!r}; "
+                         f"this ign_fast reads version {FORMAT_VERSION}")
+    return module, metadata
