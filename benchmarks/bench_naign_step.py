@@ -1,0 +1,79 @@
+"""Steps per second of one NAIGN update: ign_fast.NAIGNStep against a plain implementation of the same
+objective (candidates through autograd-free model calls, torch.cdist + argmin, separate f(x) and f(z*)).
+The k·B candidate forwards are most of the cost; ours runs them without autograd or buffer updates,
+searches with the fused nearest_neighbors op, and batches f(x) with f(z*). Correctness is asserted first:
+from the same weights and noise pool both compute the same loss.
+
+  python benchmarks/bench_naign_step.py --quick     # CPU
+"""
+import argparse
+import copy
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import device_name, fmt_bytes, median_time, peak_memory  # noqa: E402
+
+import ign_fast  # noqa: E402
+from ign_fast.models import DCGAN28  # noqa: E402
+
+
+class PlainNAIGNStep:
+    """The NAIGN objective written the obvious way."""
+
+    def __init__(self, model, optimizer, k):
+        self.model, self.optimizer, self.k = model, optimizer, k
+
+    def loss(self, x, pool):
+        with torch.no_grad():
+            candidates = self.model(pool)
+        dist = torch.cdist(x.flatten(1), candidates.flatten(1), p=1)
+        z_nn = pool[dist.argmin(dim=1)]
+        fx, f_znn = self.model(x), self.model(z_nn)
+        rec = (fx - x).abs().flatten(1).mean(1)
+        imle = (f_znn - x).abs().flatten(1).mean(1)
+        return rec.mean() + imle.mean()
+
+    def __call__(self, x, pool):
+        self.optimizer.zero_grad(set_to_none=True)
+        total = self.loss(x, pool)
+        total.backward()
+        self.optimizer.step()
+        return total.item()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    device = args.device
+    batches = [64] if args.quick else [64, 256]
+    k = 8
+    print(f"device: {device_name(device)}; torch {torch.__version__}; DCGAN 28 width 32 latent 64 group norm, k={k}")
+    print(f"{'batch':>5} {'provider':<18} {'ms/step':>9} {'steps/s':>8} {'x plain':>8} {'peak mem':>9}")
+    for batch in batches:
+        torch.manual_seed(0)
+        base = DCGAN28(latent_dim=64, width=32, norm="group").to(device)
+        x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
+        pool = torch.randn(k * batch, 1, 28, 28, device=device)
+        plain_model, ours_model = copy.deepcopy(base), copy.deepcopy(base)
+        plain = PlainNAIGNStep(plain_model, torch.optim.Adam(plain_model.parameters(), 5e-4), k)
+        ours = ign_fast.NAIGNStep(ours_model, torch.optim.Adam(ours_model.parameters(), 5e-4),
+                                  loss=ign_fast.NAIGNLoss(candidates_per_sample=k))
+        expected = plain.loss(x, pool).item()
+        got = ours.forward_loss(x, pool)[0].item()
+        assert abs(expected - got) <= 1e-4 * abs(expected), (expected, got)
+        baseline = None
+        for label, fn in (("plain", lambda: plain(x, pool)), ("ign_fast", lambda: ours(x, pool))):
+            seconds = median_time(fn, device, warmup=2, repeats=args.repeats)
+            mem = peak_memory(fn, device)
+            baseline = baseline or seconds
+            print(f"{batch:>5} {label:<18} {seconds * 1e3:>9.1f} {1 / seconds:>8.2f} {baseline / seconds:>8.2f} "
+                  f"{fmt_bytes(mem):>9}")
+
+
+if __name__ == "__main__":
+    main()
