@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from . import ops
 from .step import check_model_matches, check_output, check_step_inputs, frozen_state, has_batch_coupling
-from .validation import check_distance_kind, check_nonnegative_float, check_positive_int
+from .validation import check_distance_kind, check_finite, check_nonnegative_float, check_positive_int
 
 
 class NAIGNLoss(torch.nn.Module):
@@ -131,8 +131,10 @@ class NAIGNStep:
         return total, rec, imle, idem, nn_distance
 
     def __call__(self, x, z_pool=None):
-        check_step_inputs(x, x, check_values=self.check_inputs)
-        check_model_matches(self.model, x)
+        check_step_inputs(x, x, check_values=False)
+        check_model_matches(self.model, x)  # before reading values: a tensor on another device may not be readable
+        if self.check_inputs:
+            check_finite("x", x)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             total, rec, imle, idem, nn_distance = self.forward_loss(x, z_pool)

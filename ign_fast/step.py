@@ -176,8 +176,11 @@ class IGNStep:
         return out
 
     def __call__(self, x, z):
-        check_step_inputs(x, z, check_values=self.check_inputs)
-        check_model_matches(self.model, x)
+        check_step_inputs(x, z, check_values=False)
+        check_model_matches(self.model, x)  # before reading values: a tensor on another device may not be readable
+        if self.check_inputs:
+            check_finite("x", x)
+            check_finite("z", z)
         self.last_skipped = False
         if self.graph_runner is not None:
             out = self.graph_runner(x, z)
