@@ -141,21 +141,33 @@ class GradientAverager:
         self.calls = 0  # all-reduces issued, for tests: exactly one per step
 
     def __call__(self, terms):
-        grads = []
+        grads, had_grad = [], []
         for p in self.params:
-            if p.grad is None:  # a parameter this step did not reach still takes part, as zeros
+            had_grad.append(p.grad is not None)
+            if p.grad is None:  # reached on another rank maybe: takes part as zeros, so the layouts agree
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         # one dtype for the flat buffer: the gradients' own when they agree (float64 stays exact)
         dtype = grads[0].dtype if all(g.dtype == grads[0].dtype for g in grads) else torch.float32
-        scalars = torch.stack([t.detach().to(grads[0].device, dtype).reshape(()) for t in terms])
-        flat = torch.cat([g.reshape(-1).to(dtype) for g in grads] + [scalars])
+        device = grads[0].device
+        scalars = torch.stack([t.detach().to(device, dtype).reshape(()) for t in terms])
+        if all(had_grad):  # the usual case, and the only one inside a CUDA graph capture: no host copy there
+            flags = torch.ones(len(had_grad), dtype=dtype, device=device)
+        else:
+            flags = torch.tensor(had_grad, dtype=dtype, device=device)
+        flat = torch.cat([g.reshape(-1).to(dtype) for g in grads] + [scalars, flags])
         dist.all_reduce(flat)
-        flat.div_(self.world_size)
         offset = 0
         for g in grads:
             n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
+            g.copy_(flat[offset:offset + n].view_as(g)).div_(self.world_size)
             offset += n
+        scalars = flat[offset:offset + len(terms)] / self.world_size
+        if not all(had_grad):
+            # a parameter no rank reached keeps grad None, as in one process (Adam then leaves it alone)
+            reached = flat[offset + len(terms):].tolist()
+            for p, count in zip(self.params, reached):
+                if count == 0:
+                    p.grad = None
         self.calls += 1
-        return [flat[offset + i] for i in range(len(terms))]
+        return [scalars[i] for i in range(len(terms))]

@@ -69,6 +69,16 @@ def _run_config(out, steps, resume=False, **kw):
                        checkpoint_every=2, log_every=1, sample_every=1000, progress=False, out=out, **kw)
 
 
+def _unused_parameter_grads(rank):
+    """Gradients after averaging when a parameter is reached by no rank, or by one rank only."""
+    used, unused, sometimes = (torch.nn.Parameter(torch.ones(n)) for n in (3, 2, 2))
+    averager = GradientAverager([used, unused, sometimes], WORLD)
+    loss = (used * (rank + 1)).sum() + (sometimes.sum() if rank == 1 else 0)
+    loss.backward()
+    (mean_loss,) = averager([loss.detach()])
+    return {"used": used.grad, "unused": unused.grad, "sometimes": sometimes.grad, "loss": mean_loss}
+
+
 def _worker(rank, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -78,6 +88,7 @@ def _worker(rank, port, folder):
     batches = _global_batches(STEPS, LOCAL_BATCH * WORLD)
     for norm, mode in STEP_CASES:
         results[(norm, mode)] = _train_steps(norm, mode, batches, rank, WORLD, grad_sync=True)
+    results["unused"] = _unused_parameter_grads(rank)
     # trainer: an uninterrupted 2-rank run, and the same run stopped at step 2 and resumed (in new Trainers,
     # as a restarted job would build them)
     for objective in ("ign", "naign"):
@@ -186,3 +197,14 @@ def test_batch_size_must_split_evenly_and_sync_batchnorm_needs_cuda(tmp_path, mo
     with pytest.raises(ValueError, match="sync_batchnorm needs CUDA"):
         Trainer(TrainConfig(norm="batch", sync_batchnorm=True, batch_size=8, device="cpu", out=str(tmp_path / "c"),
                             progress=False))
+
+
+
+def test_gradient_average_keeps_unreached_parameters_without_gradient(two_rank_results):
+    _, ranks = two_rank_results
+    for rank in range(WORLD):
+        grads = ranks[rank]["unused"]
+        torch.testing.assert_close(grads["used"], torch.full((3,), 1.5))  # (1 + 2) / 2
+        torch.testing.assert_close(grads["sometimes"], torch.full((2,), 0.5))  # (0 + 1) / 2
+        assert grads["unused"] is None  # as in one process: Adam leaves it alone
+        torch.testing.assert_close(grads["loss"], torch.tensor(5.5))  # (3 + (6 + 2)) / 2
