@@ -20,7 +20,7 @@ import torch
 from ign_fast import checkpoint as ckpt
 from ign_fast.cli import main
 
-TRIALS = 8
+TRIALS = 6
 STEPS = 20
 SAVE_DELAY_S = 0.01
 ARGS = ["train", "--objective", "ign", "--data", "moons", "--model", "mlp", "--batch-size", "8", "--steps",
