@@ -21,6 +21,9 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_FILES = ("model.safetensors", "prior.safetensors", "optimizer.pt", "state.safetensors", "meta.json")
 LATEST = "latest"
+# Test-only: seconds to sleep after the files are written and before the rename, so a crash test's SIGKILL
+# lands inside a save often (tests/test_crash_resume.py). Unset or 0 in normal use.
+TEST_SAVE_DELAY_ENV = "IGN_FAST_TEST_SAVE_DELAY"
 
 
 class CheckpointError(ValueError):
@@ -58,6 +61,14 @@ def atomic_write_text(path, text):
         raise
 
 
+def _test_delay():
+    delay = os.environ.get(TEST_SAVE_DELAY_ENV)
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
 def _contiguous_state(tensors):
     # safetensors refuses shared or non-contiguous storage; a checkpoint owns plain copies.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -81,6 +92,7 @@ def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states,
         for filename in CHECKPOINT_FILES:
             _fsync_file(os.path.join(tmp, filename))
         _fsync_dir(tmp)
+        _test_delay()
         if os.path.exists(final):  # re-saving the same step (e.g. after resume): move the old one aside first
             shutil.rmtree(final)
         os.rename(tmp, final)

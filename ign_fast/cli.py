@@ -8,6 +8,7 @@ import sys
 import torch
 
 EXIT_USAGE = 2
+EXIT_TRAINING_FAILED = 1
 
 
 class UsageError(Exception):
@@ -54,6 +55,10 @@ def _add_train(sub):
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
+                   help="steps in a row with a non-finite loss (each skipped) before training stops")
+    p.add_argument("--sync-batchnorm", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (needs --norm batch, CUDA)")
 
 
 def cmd_train(args):
@@ -64,10 +69,17 @@ def cmd_train(args):
     values["progress"] = not args.no_progress
     config = TrainConfig(**values)
     trainer, summary = train(config, resume=args.resume)
-    last = trainer.write_samples(os.path.join(config.out, "samples.png"))
-    print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s; run folder: {config.out}")
-    if trainer.data.dim() == 4:
-        print(f"samples: {last}")
+    try:
+        if trainer.dist.is_main:  # under torchrun only rank 0 writes and reports
+            last = trainer.write_samples(os.path.join(config.out, "samples.png"))
+            ranks = f" on {trainer.dist.world_size} ranks" if trainer.dist.enabled else ""
+            print(f"trained {summary['steps']} steps{ranks} in {summary['seconds']:.0f} s; run folder: {config.out}")
+            if summary["nonfinite_steps"]:
+                print(f"skipped {summary['nonfinite_steps']} steps with a non-finite loss")
+            if trainer.data.dim() == 4:
+                print(f"samples: {last}")
+    finally:
+        trainer.close()
     return 0
 
 
@@ -269,11 +281,16 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "project": cmd_project, "e
 
 def main(argv=None):
     from .checkpoint import CheckpointError
+    from .step import NonFiniteUpdateError
+    from .trainer import NonFiniteTrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad syntax
     try:
         return COMMANDS[args.command](args)
+    except (NonFiniteTrainingError, NonFiniteUpdateError) as error:  # the run's data or settings, not usage
+        print(f"ign-fast {args.command}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     except (UsageError, ValueError, TypeError, CheckpointError, FileNotFoundError, ImportError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"ign-fast {args.command}: error: {message}", file=sys.stderr)

@@ -353,6 +353,11 @@ class InMemoryLoader:
             raise TypeError("data must be a tensor or a tuple of tensors")
         if any(t.dim() == 0 or t.shape[0] != tensors[0].shape[0] for t in tensors):
             raise ValueError(f"data tensors must share a non-empty first dim, got {[list(t.shape) for t in tensors]}")
+        for i, t in enumerate(tensors):  # once here, so the training steps need not check every batch
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                name = "data" if len(tensors) == 1 else f"data[{i}]"
+                first = int((~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[0])
+                raise ValueError(f"{name} must be finite, got NaN or inf (first in sample {first})")
         self._tensors = tensors
         self._single = not isinstance(data, (tuple, list))
         self.num_samples = _check_int("len(data)", tensors[0].shape[0], 1)

@@ -12,12 +12,14 @@ Choices where the paper is silent (measured on MNIST-5k, see docs/RESULTS.md and
   regenerated with the current θ (cheap relative to staleness), but z is kept;
 - defaults k = 8, λ = 1, l1 (the configuration that covered all ten digits within 3 CPU-minutes).
 """
+import math
+
 import torch
 from torch.func import functional_call
 
 from . import ops
-from .step import check_output, check_step_inputs, frozen_state, has_batch_coupling
-from .validation import check_distance_kind, check_nonnegative_float, check_positive_int
+from .step import check_model_matches, check_output, check_step_inputs, frozen_state, has_batch_coupling
+from .validation import check_distance_kind, check_finite, check_nonnegative_float, check_positive_int
 
 
 class NAIGNLoss(torch.nn.Module):
@@ -60,9 +62,14 @@ def generate_candidates(model, z, chunk_size=1024):
 
 class NAIGNStep:
     """One NAIGN update. step(x, z_pool) where z_pool holds k·B noise samples (a fresh pool each call, or
-    None to let the step keep and refresh its own pool via `sample_noise`)."""
+    None to let the step keep and refresh its own pool via `sample_noise`).
 
-    def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=1024, amp_dtype=None):
+    check_inputs: reject NaN/inf in x and z_pool (a host sync per step; the trainer checks its data once at
+    load). skip_nonfinite and grad_sync: as in IGNStep (a non-finite loss leaves the weights untouched;
+    grad_sync averages gradients across ranks between backward and the update)."""
+
+    def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=1024, amp_dtype=None,
+                 check_inputs=True, skip_nonfinite=True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -70,27 +77,44 @@ class NAIGNStep:
         loss = NAIGNLoss() if loss is None else loss
         if not isinstance(loss, NAIGNLoss):
             raise TypeError(f"loss must be an ign_fast.NAIGNLoss, got {type(loss).__name__}")
+        if sample_noise is not None and not callable(sample_noise):
+            raise TypeError(f"sample_noise must be callable (n -> noise) or None, got {type(sample_noise).__name__}")
+        candidate_chunk = check_positive_int("candidate_chunk", candidate_chunk)
+        if amp_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+        for name, flag in (("check_inputs", check_inputs), ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.sample_noise = sample_noise
         self.candidate_chunk = candidate_chunk
         self.amp_dtype = amp_dtype
+        self.check_inputs, self.skip_nonfinite = check_inputs, skip_nonfinite
+        self.last_skipped = False
+        self.grad_sync = None
         self.calls = 0
         self.pool = None
 
     def _pool_for(self, x, z_pool):
         need = self.loss.candidates_per_sample * x.shape[0]
         if z_pool is not None:
-            check_step_inputs(x, z_pool)
+            check_step_inputs(x, z_pool, check_values=self.check_inputs, z_name="z_pool")
             return z_pool
         if self.sample_noise is None:
             raise ValueError("z_pool must be given when the step has no sample_noise function")
         if self.pool is None or self.pool.shape[0] != need or self.calls % self.loss.refresh_every == 0:
-            self.pool = self.sample_noise(need).to(device=x.device, dtype=x.dtype)
+            pool = self.sample_noise(need)
+            if not isinstance(pool, torch.Tensor) or pool.shape[0] != need or pool.shape[1:] != x.shape[1:]:
+                got = tuple(pool.shape) if isinstance(pool, torch.Tensor) else type(pool).__name__
+                raise ValueError(f"sample_noise({need}) must return a tensor of shape {(need, *x.shape[1:])}, "
+                                 f"got {got}")
+            self.pool = pool.to(device=x.device, dtype=x.dtype)
         return self.pool
 
     def forward_loss(self, x, z_pool=None):
         z_pool = self._pool_for(x, z_pool)
-        candidates = generate_candidates(self.model, z_pool, self.candidate_chunk)
+        candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, z_pool,
+                                                                              self.candidate_chunk), z_pool)
         index, nn_distance = ops.nearest_neighbors(x, candidates, self.loss.distance)
         z_nn = z_pool[index]
         model = self.model
@@ -107,12 +131,24 @@ class NAIGNStep:
         return total, rec, imle, idem, nn_distance
 
     def __call__(self, x, z_pool=None):
-        check_step_inputs(x, x)
+        check_step_inputs(x, x, check_values=False)
+        check_model_matches(self.model, x)  # before reading values: a tensor on another device may not be readable
+        if self.check_inputs:
+            check_finite("x", x)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             total, rec, imle, idem, nn_distance = self.forward_loss(x, z_pool)
         total.backward()
-        self.optimizer.step()
+        terms = [total.detach(), rec.detach().mean(), imle.detach().mean(), idem.detach().mean(),
+                 nn_distance.detach().float().mean()]
+        if self.grad_sync is not None:
+            terms = self.grad_sync(terms)
+        values = dict(zip(("loss", "rec", "imle", "idem", "nn_distance"), (float(t) for t in terms)))
+        # the floats are read before the update (not after), so skipping costs no extra host sync
+        self.last_skipped = self.skip_nonfinite and not math.isfinite(values["loss"])
+        if self.last_skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
         self.calls += 1
-        return {"loss": total.item(), "rec": rec.mean().item(), "imle": imle.mean().item(),
-                "idem": idem.mean().item(), "nn_distance": nn_distance.float().mean().item()}
+        return values

@@ -9,7 +9,17 @@ four calls in the order f_θ(x), f_θ(z), f_θ(sg f_θ(z)), f_θ'(f_θ(z)), each
 θ' is not a deep copy: torch.func.functional_call runs the module on detached parameters (same values,
 no parameter gradient) and on clones of its buffers, so BatchNorm in train mode uses batch statistics in
 the copy's call too (as the paper's code does) without touching the model's running statistics.
+
+Non-finite steps: with skip_nonfinite (the default) a step whose loss is NaN or inf leaves the weights and the
+optimizer's state untouched; `last_skipped` says whether the last call did. The loss is read as a float before
+optimizer.step() instead of after it, so this costs no extra host sync. A replayed CUDA graph (mode="graph")
+has its update inside the graph and cannot skip it: it raises NonFiniteUpdateError instead.
+
+Data parallel: `grad_sync`, when set (ign_fast/distributed.py), runs after backward and before the update
+and averages the gradients and loss terms across ranks; it is the only place gradients are reduced.
 """
+import math
+
 import torch
 from torch.func import functional_call
 
@@ -33,20 +43,38 @@ def has_batch_coupling(model):
                for m in model.modules())
 
 
-def check_step_inputs(x, z, check_values=True):
+class NonFiniteUpdateError(RuntimeError):
+    """A non-finite loss whose update could not be skipped (a replayed CUDA graph applies it)."""
+
+
+def check_step_inputs(x, z, check_values=True, z_name="z"):
     check_tensor("x", x, min_dim=2)
-    check_tensor("z", z, min_dim=2)
+    check_tensor(z_name, z, min_dim=2)
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one sample, got an empty batch")
     if z.shape[0] == 0:
-        raise ValueError("z must hold at least one sample, got an empty batch")
+        raise ValueError(f"{z_name} must hold at least one sample, got an empty batch")
     if z.shape[1:] != x.shape[1:]:
-        raise ValueError(f"z must have the per-sample shape of x {tuple(x.shape[1:])}, got {tuple(z.shape[1:])}")
+        raise ValueError(f"{z_name} must have the per-sample shape of x {tuple(x.shape[1:])}, got "
+                         f"{tuple(z.shape[1:])}")
     if z.dtype != x.dtype or z.device != x.device:
-        raise ValueError(f"z must match x in dtype and device ({x.dtype}, {x.device}), got ({z.dtype}, {z.device})")
+        raise ValueError(f"{z_name} must match x in dtype and device ({x.dtype}, {x.device}), got ({z.dtype}, "
+                         f"{z.device})")
     if check_values:
         check_finite("x", x)
-        check_finite("z", z)
+        check_finite(z_name, z)
+
+
+def check_model_matches(model, x):
+    """x must be on the model's device and in its parameters' dtype (autocast lowers inside, not the input):
+    otherwise the first layer fails with a multi-line message that names neither."""
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        return
+    if x.device != param.device:
+        raise ValueError(f"x must be on the model's device ({param.device}), got {x.device}")
+    if x.dtype != param.dtype:
+        raise TypeError(f"x must have the model's parameter dtype ({param.dtype}), got {x.dtype}")
 
 
 def check_output(name, out, inp):
@@ -62,10 +90,12 @@ class IGNStep:
     mode: "reference" (the readable oracle), "fused" (one second application, no weight copy, same
     gradients), "graph" (fused, captured as a CUDA graph; fused on CPU). amp_dtype: run the forward under
     torch.autocast with this dtype (e.g. torch.bfloat16 on GPU). check_inputs: reject NaN/inf in x and z
-    (one host sync per step).
+    (one host sync per step; the trainer checks its data once at load instead). skip_nonfinite: leave the
+    weights untouched when the loss is not finite (see the module docstring).
     """
 
-    def __init__(self, model, optimizer, loss=None, mode="reference", amp_dtype=None, check_inputs=True):
+    def __init__(self, model, optimizer, loss=None, mode="reference", amp_dtype=None, check_inputs=True,
+                 skip_nonfinite=True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -80,6 +110,11 @@ class IGNStep:
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
         self.model, self.optimizer, self.loss, self.mode = model, optimizer, loss, mode
         self.amp_dtype, self.check_inputs = amp_dtype, check_inputs
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
+        self.skip_nonfinite = skip_nonfinite
+        self.last_skipped = False
+        self.grad_sync = None  # set by the trainer under torchrun: averages gradients across ranks
         self.last_plan = None
         self.graph_runner = None
         if mode == "graph":
@@ -119,21 +154,40 @@ class IGNStep:
         f_fz = functional_call(model, frozen_state(model), (fz,))  # f_θ'(f_θ(z)): idem role, into fz only
         return self.loss(x, fx, fz, f_fz, ff_z)
 
-    def run_fused_update(self, x, z, sync_free=False):
-        """One update without host synchronisation; returns the four terms as 0-dim tensors. With
-        sync_free the gradients are not reset (a captured graph overwrites them on every replay)."""
+    def run_fused_update(self, x, z, sync_free=False, skip_nonfinite=False):
+        """One update; returns the four terms as 0-dim tensors. Without skip_nonfinite it does not
+        synchronise with the host. With sync_free the gradients are not reset (a captured graph overwrites
+        them on every replay)."""
         if not sync_free:
             self.optimizer.zero_grad(set_to_none=True)
         total, rec, idem, tight = self.forward_loss(x, z, sync_free)
         total.backward()
+        terms = [total.detach(), rec.detach().mean(), idem.detach().mean(), tight.detach().mean()]
+        if self.grad_sync is not None:
+            terms = self.grad_sync(terms)
+        out = dict(zip(("loss", "rec", "idem", "tight"), terms))
+        if skip_nonfinite and not sync_free:
+            # the caller reads this float anyway; reading it before the update costs no extra sync
+            self.last_skipped = not math.isfinite(float(out["loss"]))
+            if self.last_skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+                return out
         self.optimizer.step()
-        return {"loss": total.detach(), "rec": rec.detach().mean(), "idem": idem.detach().mean(),
-                "tight": tight.detach().mean()}
+        return out
 
     def __call__(self, x, z):
-        check_step_inputs(x, z, check_values=self.check_inputs)
+        check_step_inputs(x, z, check_values=False)
+        check_model_matches(self.model, x)  # before reading values: a tensor on another device may not be readable
+        if self.check_inputs:
+            check_finite("x", x)
+            check_finite("z", z)
+        self.last_skipped = False
         if self.graph_runner is not None:
             out = self.graph_runner(x, z)
         else:
-            out = self.run_fused_update(x, z)
-        return {k: float(v) for k, v in out.items()}
+            out = self.run_fused_update(x, z, skip_nonfinite=self.skip_nonfinite)
+        values = {k: float(v) for k, v in out.items()}
+        if self.graph_runner is not None and self.skip_nonfinite and not math.isfinite(values["loss"]):
+            raise NonFiniteUpdateError("loss is not finite and mode='graph' has already applied the update; "
+                                       "use mode='fused' to skip such steps")
+        return values

@@ -1,15 +1,29 @@
 """Trains an IGN or NAIGN model on a data set, with checkpoints, sample grids, a metrics CSV and exact
-resume (on CPU a resumed run's losses equal an uninterrupted run's)."""
+resume (on CPU a resumed run's losses equal an uninterrupted run's).
+
+Under torchrun (ign_fast/distributed.py) batch_size is the global batch: each of R ranks trains on its own
+B/R-sample shard of it with noise from its own seed, gradients are averaged across ranks every step, and only
+rank 0 writes logs, samples and checkpoints. A checkpoint's data position counts global batches, so it means
+the same thing at any world size: resuming with another number of ranks continues at the same epoch and
+step, on the same global batches (see docs/RELIABILITY.md); only the noise streams of ranks the checkpoint
+did not have start afresh, from (seed, rank, step).
+
+A step whose loss is not finite is skipped (no update) and counted; max_nonfinite_steps of them in a row stop
+training with NonFiniteTrainingError, and no checkpoint is written at a skipped step.
+"""
 import csv
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .data import InMemoryLoader, load_dataset
 from .images import save_image_grid
 from .inference import generate
@@ -54,6 +68,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep: int = 3
     progress: bool = True
+    max_nonfinite_steps: int = 10     # non-finite steps in a row (each skipped) before training stops
+    sync_batchnorm: bool = False      # under torchrun: BatchNorm statistics over the global batch (CUDA only)
 
     def resolved(self):
         """A copy with every None default replaced by the objective's own default."""
@@ -87,7 +103,7 @@ def validate_config(c):
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {getattr(c, name)!r}")
     for name in ("steps", "batch_size", "latent_dim", "width", "log_every", "sample_every", "checkpoint_every",
-                 "keep", "candidates", "refresh_every"):
+                 "keep", "candidates", "refresh_every", "max_nonfinite_steps"):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -99,6 +115,26 @@ def validate_config(c):
         raise ValueError(f"lr must be > 0, got {c.lr!r}")
     if c.tight_clamp_ratio is not None and not c.tight_clamp_ratio > 0:
         raise ValueError(f"tight_clamp_ratio must be > 0 or None, got {c.tight_clamp_ratio!r}")
+    for name in ("beta1", "beta2"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {c.seed!r}")
+    if c.image_size is not None and (isinstance(c.image_size, bool) or not isinstance(c.image_size, int)
+                                     or c.image_size <= 0):
+        raise ValueError(f"image_size must be a positive integer or None, got {c.image_size!r}")
+    for name in ("out", "data_root"):
+        value = getattr(c, name)
+        if not (isinstance(value, (str, os.PathLike)) and os.fspath(value)) and not (name == "data_root"
+                                                                                      and value is None):
+            raise ValueError(f"{name} must be a non-empty path{' or None' if name == 'data_root' else ''}, "
+                             f"got {value!r}")
+    for name in ("progress", "sync_batchnorm"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+    if c.sync_batchnorm and c.norm != "batch":
+        raise ValueError(f"sync_batchnorm needs norm 'batch', got norm {c.norm!r}")
     resolve_device(c.device)
 
 
@@ -117,16 +153,36 @@ def build_model_for(config, sample_shape):
 
 
 def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
+    # check_inputs=False: the trainer checks its data for NaN/inf once when it loads it, and its noise comes
+    # from the prior; a per-step check would cost a host sync every step
     if config.objective == "ign":
         loss = IGNLoss(config.distance, config.lambda_rec, config.lambda_idem, config.lambda_tight,
                        config.tight_clamp_ratio)
         mode = config.step_mode
         if mode == "auto":  # the whole update as a CUDA graph on GPU; on CPU the fused step
             mode = "graph" if device.type == "cuda" else "fused"
-        return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype)
+        return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype, check_inputs=False)
     loss = NAIGNLoss(config.distance, config.lambda_rec, config.lambda_imle, config.lambda_idem,
                      config.candidates, config.refresh_every)
-    return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype)
+    return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype,
+                     check_inputs=False)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped: too many steps in a row had a non-finite loss."""
+
+
+def check_data(name, data):
+    """Once, at load: the data a run trains on must be a non-empty float tensor without NaN or inf."""
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point():
+        raise ValueError(f"data {name!r} must load as a float tensor, got "
+                         f"{data.dtype if isinstance(data, torch.Tensor) else type(data).__name__}")
+    if data.dim() < 2 or data.shape[0] == 0 or data[0].numel() == 0:
+        raise ValueError(f"data {name!r} must have shape [N, ...] with N >= 1 samples, got {tuple(data.shape)}")
+    bad = (~torch.isfinite(data)).flatten(1).any(1).nonzero()
+    if bad.numel():
+        raise ValueError(f"data {name!r} contains NaN or inf in {bad.numel()} samples (first: index "
+                         f"{int(bad[0])})")
 
 
 class MetricsLog:
@@ -137,7 +193,10 @@ class MetricsLog:
         self.rows = []
         if resume_step is not None and os.path.exists(path):
             with open(path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                # a run killed while appending leaves a torn last row (e.g. "1" of "12,..."): only rows with
+                # every field are kept, so a torn step number cannot pass for an earlier step
+                self.rows = [r for r in csv.DictReader(f) if None not in r.values() and None not in r
+                             and r["step"].isdigit() and int(r["step"]) <= resume_step]
         self.fields = list(self.rows[0].keys()) if self.rows else None
         self._rewrite()
 
@@ -170,54 +229,94 @@ class Trainer:
         self.config = config.resolved()
         validate_config(self.config)
         c = self.config
-        self.device = resolve_device(c.device)
+        self.dist, device_name = distributed.init_from_env(c.device)
+        world = self.dist.world_size
+        if c.batch_size % world:
+            raise ValueError(f"batch_size (the global batch) must be divisible by the {world} ranks, got "
+                             f"{c.batch_size}")
+        if c.sync_batchnorm and self.dist.enabled and not device_name.startswith("cuda"):
+            raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU path); "
+                             "train on GPUs or without --sync-batchnorm")
+        self.device = resolve_device(device_name)
         torch.manual_seed(c.seed)
         self.data, self.labels = load_dataset(c.data, root=c.data_root, split="train", size=c.image_size,
                                               seed=c.seed)
-        self.model = build_model_for(c, tuple(self.data.shape[1:])).to(self.device)
+        check_data(c.data, self.data)
+        self.model = build_model_for(c, tuple(self.data.shape[1:]))
+        if c.sync_batchnorm and self.dist.enabled:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(self.device)
+        self.dist.broadcast_module(self.model)  # identical replicas, whatever each rank's RNG did
         self.prior = build_prior(c.prior, data=self.data, shape=tuple(self.data.shape[1:]))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
-        self.loader = InMemoryLoader(self.data, c.batch_size, seed=c.seed)
-        self.noise_generator = torch.Generator().manual_seed(c.seed + 1)
+        self.loader = InMemoryLoader(self.data, c.batch_size // world, seed=c.seed, rank=self.dist.rank,
+                                     world_size=world)
+        self.noise_generator = torch.Generator().manual_seed(distributed.rank_seed(c.seed, self.dist.rank))
         self.amp = c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda")
         self.step_fn = build_step(c, self.model, self.optimizer, self.sample_noise, self.device,
                                   torch.bfloat16 if self.amp else None)
+        if self.dist.enabled:
+            self.step_fn.grad_sync = distributed.GradientAverager(self.model.parameters(), world)
         self.step = 0
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
         os.makedirs(c.out, exist_ok=True)
         resume_step = None
         if resume:
             resume_step = self._load(c.out)
-        self.metrics = MetricsLog(os.path.join(c.out, "metrics.csv"), resume_step if resume else None)
-        with open(os.path.join(c.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(c), f, indent=2)
+        self.metrics = None
+        if self.dist.is_main:  # logs, samples and checkpoints come from rank 0 only
+            self.metrics = MetricsLog(os.path.join(c.out, "metrics.csv"), resume_step if resume else None)
+            with open(os.path.join(c.out, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(c), f, indent=2)
 
     def sample_noise(self, n):
         # drawn on the CPU from the trainer's own generator, so a resumed run draws the same numbers
         return self.prior.sample(n, generator=self.noise_generator).to(self.device)
 
     def _meta(self):
+        # the loader position counts global batches (every rank takes one shard of each), so it holds at
+        # any world size as long as the global batch_size is the same
         return {"config": dataclasses.asdict(self.config), "model_config": self.model.config,
                 "prior_config": self.prior.to_config(), "loader": self.loader.state_dict(),
-                "naign_calls": getattr(self.step_fn, "calls", 0)}
+                "naign_calls": getattr(self.step_fn, "calls", 0), "world_size": self.dist.world_size,
+                "global_batch_size": self.config.batch_size}
 
-    def _rng_states(self):
-        states = {"noise_generator": self.noise_generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    def _rank_states(self):
+        states = {"noise_generator": self.noise_generator.get_state()}
         pool = getattr(self.step_fn, "pool", None)
         if pool is not None:
-            states["naign_pool"] = pool
+            states["naign_pool"] = pool.detach().cpu()
+        return states
+
+    def _rng_states(self, per_rank):
+        """Rank 0's states under their single-process names; rank r's with the suffix _rank<r>."""
+        states = {"torch_cpu": torch.get_rng_state()}
+        for rank, rank_states in enumerate(per_rank):
+            suffix = "" if rank == 0 else f"_rank{rank}"
+            states.update({k + suffix: v for k, v in rank_states.items()})
         return states
 
     def save(self):
-        return ckpt.save_checkpoint(self.config.out, self.step, model=self.model, optimizer=self.optimizer,
-                                    prior=self.prior, meta=self._meta(), rng_states=self._rng_states(),
-                                    keep=self.config.keep)
+        """Every rank calls this (its noise state goes into the checkpoint); rank 0 writes it."""
+        per_rank = self.dist.all_gather_object(self._rank_states())
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.config.out, self.step, model=self.model, optimizer=self.optimizer,
+                                        prior=self.prior, meta=self._meta(), rng_states=self._rng_states(per_rank),
+                                        keep=self.config.keep)
+        # no rank runs on (or exits, or resumes) before the checkpoint is complete on disk
+        self.dist.barrier()
+        return path
 
     def _load(self, run_dir):
         try:
             state = ckpt.load_checkpoint(run_dir)
         except ckpt.CheckpointError:
-            if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-                return None  # nothing to resume: a fresh run
+            root = os.path.join(run_dir, "checkpoints")
+            # nothing to resume: a fresh run (also after a crash inside the very first save, which leaves
+            # only a temporary folder behind)
+            if not os.path.isdir(root) or not any(n.startswith("step_") or n == ckpt.LATEST for n in os.listdir(root)):
+                return None
             raise
         meta = state["meta"]
         if meta["model_config"] != self.model.config:
@@ -226,15 +325,49 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.prior.load_state_dict(state["prior"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(meta["loader"])
-        self.noise_generator.set_state(state["rng"]["noise_generator"])
-        torch.set_rng_state(state["rng"]["torch_cpu"])
+        saved_batch = meta.get("global_batch_size", self.config.batch_size)
+        if saved_batch != self.config.batch_size:
+            raise ckpt.CheckpointError(f"resume needs the checkpoint's global batch_size {saved_batch} (its data "
+                                       f"position counts such batches), got {self.config.batch_size}")
+        loader_state = dict(meta["loader"])
+        if loader_state["position"] > self.loader.batches_per_epoch:
+            # another world size can round the epoch's batch count down by one: that epoch is done
+            loader_state = {"epoch": loader_state["epoch"] + 1, "position": 0}
+        self.loader.load_state_dict(loader_state)
+        rng = state["rng"]
+        suffix = "" if self.dist.rank == 0 else f"_rank{self.dist.rank}"
+        if "noise_generator" + suffix in rng:
+            self.noise_generator.set_state(rng["noise_generator" + suffix])
+        else:  # a rank the checkpoint's run did not have: a fresh stream, distinct per (seed, rank, step)
+            fresh = np.random.SeedSequence([self.config.seed, self.dist.rank, int(meta["step"])])
+            self.noise_generator.manual_seed(int(fresh.generate_state(1, dtype=np.uint64)[0] >> 1))
+        torch.set_rng_state(rng["torch_cpu"])
         if isinstance(self.step_fn, NAIGNStep):
             self.step_fn.calls = meta.get("naign_calls", 0)
-            if "naign_pool" in state["rng"]:
-                self.step_fn.pool = state["rng"]["naign_pool"].to(self.device)
+            if "naign_pool" + suffix in rng:
+                self.step_fn.pool = rng["naign_pool" + suffix].to(self.device)
         self.step = int(meta["step"])
         return self.step
+
+    def _count_nonfinite(self, skipped):
+        """Count a skipped step; raise NonFiniteTrainingError at max_nonfinite_steps in a row."""
+        if not skipped:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = self.config.max_nonfinite_steps
+        if self.dist.is_main:
+            print(f"ign-fast: step {self.step}: loss is not finite, update skipped ({self.nonfinite_in_a_row} in "
+                  f"a row, limit {limit})", file=sys.stderr)
+        if self.nonfinite_in_a_row >= limit:
+            try:
+                last_good = ckpt.resolve_checkpoint(self.config.out)
+            except ckpt.CheckpointError:
+                last_good = "none written yet"
+            raise NonFiniteTrainingError(f"training stopped at step {self.step}: {self.nonfinite_in_a_row} steps "
+                                         f"in a row had a non-finite loss (max_nonfinite_steps={limit}); last "
+                                         f"good checkpoint: {last_good}")
 
     def train_step(self):
         x = self.loader.next_batch().to(self.device, non_blocking=True)
@@ -256,40 +389,59 @@ class Trainer:
     def fit(self, steps=None):
         c = self.config
         total = steps if steps is not None else c.steps
-        writer = _tensorboard(c.out)
+        main = self.dist.is_main
+        writer = _tensorboard(c.out) if main else None
         bar = None
-        if c.progress:
+        if c.progress and main:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=self.step, dynamic_ncols=True, desc=c.objective)
         start, start_step = time.perf_counter(), self.step
+        save_due = False
         self.model.train()
-        while self.step < total:
-            out = self.train_step()
-            if self.step % c.log_every == 0 or self.step == total:
-                rate = (self.step - start_step) / max(time.perf_counter() - start, 1e-9)
-                self.metrics.append({"step": self.step, **{k: f"{v:.6g}" for k, v in out.items()}})
-                if writer is not None:
-                    for k, v in out.items():
-                        writer.add_scalar(k, v, self.step)
+        try:
+            while self.step < total:
+                out = self.train_step()
+                skipped = bool(self.step_fn.last_skipped)
+                self._count_nonfinite(skipped)
+                if main and (self.step % c.log_every == 0 or self.step == total):
+                    rate = (self.step - start_step) / max(time.perf_counter() - start, 1e-9)
+                    self.metrics.append({"step": self.step, **{k: f"{v:.6g}" for k, v in out.items()}})
+                    if writer is not None:
+                        for k, v in out.items():
+                            writer.add_scalar(k, v, self.step)
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in out.items()} | {"it/s": f"{rate:.1f}"})
                 if bar is not None:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in out.items()} | {"it/s": f"{rate:.1f}"})
+                    bar.update(1)
+                if main and (self.step % c.sample_every == 0 or self.step == total):
+                    self.write_samples(os.path.join(c.out, "samples", f"step_{self.step:08d}.png"))
+                save_due = save_due or self.step % c.checkpoint_every == 0 or self.step == total
+                if save_due and not skipped:  # a due checkpoint waits for the next finite step
+                    self.save()
+                    save_due = False
+        finally:
             if bar is not None:
-                bar.update(1)
-            if self.step % c.sample_every == 0 or self.step == total:
-                self.write_samples(os.path.join(c.out, "samples", f"step_{self.step:08d}.png"))
-            if self.step % c.checkpoint_every == 0 or self.step == total:
-                self.save()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        return {"steps": self.step, "seconds": time.perf_counter() - start, "last": self.metrics.rows[-1]
-                if self.metrics.rows else {}}
+                bar.close()
+            if writer is not None:
+                writer.close()
+        rows = self.metrics.rows if self.metrics is not None else []
+        return {"steps": self.step, "seconds": time.perf_counter() - start, "last": rows[-1] if rows else {},
+                "nonfinite_steps": self.nonfinite_total}
+
+    def close(self):
+        """Leave the process group (under torchrun); the trainer's files stay usable."""
+        self.dist.destroy()
 
 
 def train(config, resume=False):
-    trainer = Trainer(config, resume=resume)
-    summary = trainer.fit()
+    trainer = None
+    try:
+        trainer = Trainer(config, resume=resume)
+        summary = trainer.fit()
+    except BaseException:
+        if trainer is not None:
+            trainer.close()
+        raise
     summary["run"] = config.out
     return trainer, summary
