@@ -207,8 +207,7 @@ __global__ void __launch_bounds__(kThreads) ign_loss_backward_kernel(
     if (has_z) {
       const P c = *reinterpret_cast<const P*>(fz + j);
       const P p = *reinterpret_cast<const P*>(f_fz + j);
-      P q;
-      if constexpr (!kAliased) q = *reinterpret_cast<const P*>(ff_z + j);
+      const P q = kAliased ? p : *reinterpret_cast<const P*>(ff_z + j);  // aliased: no second read
       P gi, gz, gt;
 #pragma unroll
       for (int v = 0; v < kVec; ++v) {
