@@ -214,6 +214,15 @@ def test_aliased_ffz_gives_each_role_its_gradient(device, kind, ratio):
 
 
 @pytest.mark.parametrize("device", devices())
+def test_same_storage_other_strides_is_not_aliasing(device):
+    # ff_z starting at f_fz's first byte but with other strides holds other values: both must be read
+    inputs = make_inputs((3, 4, 4), torch.float64, device)
+    inputs[4] = inputs[3].detach().transpose(1, 2).requires_grad_()
+    assert inputs[4].data_ptr() == inputs[3].data_ptr() and not torch.equal(inputs[3], inputs[4])
+    assert_matches_reference(inputs, 1e-12, 1e-10, kind="l2", tight_clamp_ratio=1.5)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_different_batch_sizes_without_clamp(device):
     inputs = make_inputs((5, 7), torch.float64, device, batch_z=3)
     assert_matches_reference(inputs, 1e-12, 1e-10, kind="l2", tight_clamp_ratio=None)

@@ -80,6 +80,17 @@ def test_ign_loss_rec_zero_and_batch_mismatch(use_triton, device):
 
 
 @pytest.mark.parametrize("device", devices())
+def test_ign_loss_same_storage_other_strides(use_triton, device):
+    triton_device(device)
+    inputs = make_inputs((2, 4, 4), torch.float32, device)
+    inputs[4] = inputs[3].detach().transpose(1, 2).requires_grad_()
+    out, grads = loss_and_grads(ops.ign_loss, inputs, kind="l2")
+    ref_out, ref_grads = loss_and_grads(reference.ign_loss, inputs, kind="l2")
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_ign_loss_channels_last(use_triton, device):
     triton_device(device)
     inputs = [t.detach().to(memory_format=torch.channels_last).requires_grad_()
