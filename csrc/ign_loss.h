@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 
 #include "checks.h"
 
@@ -135,19 +136,17 @@ struct RowScales {
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE inline RowScales<acc_t> row_scales(int64_t row, int64_t batch_x, int64_t batch_z, acc_t g_total,
-                                                   const acc_t* g_rec, const acc_t* g_idem, const acc_t* g_tight,
-                                                   const acc_t* rec, const acc_t* t_raw, acc_t lambda_rec,
-                                                   acc_t lambda_idem, acc_t lambda_tight, bool has_clamp,
-                                                   acc_t ratio) {
+C10_HOST_DEVICE inline RowScales<acc_t> row_scales_of(int64_t row, int64_t batch_x, int64_t batch_z, acc_t g_total,
+                                                      acc_t g_rec, acc_t g_idem, acc_t g_tight, acc_t rec, acc_t t,
+                                                      acc_t lambda_rec, acc_t lambda_idem, acc_t lambda_tight,
+                                                      bool has_clamp, acc_t ratio) {
   RowScales<acc_t> out{acc_t(0), acc_t(0), acc_t(0)};
-  if (row < batch_x) out.rec = g_total * lambda_rec / static_cast<acc_t>(batch_x) + (g_rec ? g_rec[row] : acc_t(0));
+  if (row < batch_x) out.rec = g_total * lambda_rec / static_cast<acc_t>(batch_x) + g_rec;
   if (row < batch_z) {
-    out.idem = g_total * lambda_idem / static_cast<acc_t>(batch_z) + (g_idem ? g_idem[row] : acc_t(0));
-    const acc_t g_tight_out =
-        g_total * lambda_tight / static_cast<acc_t>(batch_z) + (g_tight ? g_tight[row] : acc_t(0));
+    out.idem = g_total * lambda_idem / static_cast<acc_t>(batch_z) + g_idem;
+    const acc_t g_tight_out = g_total * lambda_tight / static_cast<acc_t>(batch_z) + g_tight;
     if (has_clamp) {  // batch_x == batch_z was checked
-      const ClampedTight<acc_t> c = clamp_tight(t_raw[row], rec[row], ratio);
+      const ClampedTight<acc_t> c = clamp_tight(t, rec, ratio);
       out.tight = g_tight_out * c.d_t;
       out.rec += g_tight_out * c.d_rec;
     } else {
@@ -155,6 +154,21 @@ C10_HOST_DEVICE inline RowScales<acc_t> row_scales(int64_t row, int64_t batch_x,
     }
   }
   return out;
+}
+
+// The same from the per-row arrays (a null g_* is zero), reading only entries that exist for the row.
+template <typename acc_t>
+C10_HOST_DEVICE inline RowScales<acc_t> row_scales(int64_t row, int64_t batch_x, int64_t batch_z, acc_t g_total,
+                                                   const acc_t* g_rec, const acc_t* g_idem, const acc_t* g_tight,
+                                                   const acc_t* rec, const acc_t* t_raw, acc_t lambda_rec,
+                                                   acc_t lambda_idem, acc_t lambda_tight, bool has_clamp,
+                                                   acc_t ratio) {
+  const bool has_x = row < batch_x;
+  const bool has_z = row < batch_z;
+  return row_scales_of<acc_t>(row, batch_x, batch_z, g_total, has_x && g_rec ? g_rec[row] : acc_t(0),
+                              has_z && g_idem ? g_idem[row] : acc_t(0), has_z && g_tight ? g_tight[row] : acc_t(0),
+                              has_x && has_clamp ? rec[row] : acc_t(0), has_z && has_clamp ? t_raw[row] : acc_t(0),
+                              lambda_rec, lambda_idem, lambda_tight, has_clamp, ratio);
 }
 
 // An upstream per-sample gradient as a contiguous tensor of acc_type, or undefined when absent (zero).
@@ -166,6 +180,27 @@ inline at::Tensor row_gradient(const c10::optional<at::Tensor>& grad, at::Scalar
 template <typename T>
 inline const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+using IgnLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using IgnLossWithGrad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   at::Tensor, at::Tensor, at::Tensor>;
+
+// ign_loss_with_grad as the forward and backward kernels back to back (d total = 1, no per-sample gradients).
+template <typename Forward, typename Backward>
+IgnLossWithGrad ign_loss_with_grad_two_pass(Forward forward, Backward backward, const at::Tensor& x,
+                                            const at::Tensor& fx, const at::Tensor& fz, const at::Tensor& f_fz,
+                                            const at::Tensor& ff_z, c10::string_view kind, double lambda_rec,
+                                            double lambda_idem, double lambda_tight,
+                                            c10::optional<double> tight_clamp_ratio, bool compute_grad_x) {
+  const IgnLossOutputs out =
+      forward(x, fx, fz, f_fz, ff_z, kind, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio);
+  const at::Tensor one = at::ones({}, std::get<0>(out).options());
+  const IgnLossOutputs grads = backward(one, c10::nullopt, c10::nullopt, c10::nullopt, x, fx, fz, f_fz, ff_z,
+                                        std::get<1>(out), std::get<4>(out), kind, lambda_rec, lambda_idem,
+                                        lambda_tight, tight_clamp_ratio, compute_grad_x);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+          std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads), std::get<4>(grads)};
 }
 
 }  // namespace ign_fast

@@ -141,3 +141,16 @@ def test_opcheck(device):
         opcheck(torch.ops.ign_fast.ign_loss_backward_triton.default,
                 (torch.tensor(1.5, device=device), torch.randn(2, device=device), None, None, *d, out[1], out[4],
                  kind, 2.0, 3.0, 0.5, ratio, True))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("same_ffz", [False, True])
+def test_ign_loss_with_grad(use_triton, device, same_ffz):
+    triton_device(device)
+    inputs = make_inputs((3, 2, 9), torch.float32, device, same_ffz=same_ffz)
+    if same_ffz:
+        inputs[4] = inputs[3].detach().requires_grad_()
+    values, given = ign_fast.ign_loss_with_grad(*inputs, kind="l2", compute_grad_x=True)
+    ref_out, ref_grads = loss_and_grads(reference.ign_loss, inputs, kind="l2")
+    for a, b in zip(list(values) + list(given), ref_out + ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
