@@ -10,6 +10,23 @@ TORCH_LIBRARY(ign_fast, m) {
   // mean over non-batch dims of |a-b| (kind="l1") or (a-b)^2 (kind="l2"); float32 (float64 for float64 input)
   m.def("per_sample_distance(Tensor a, Tensor b, str kind) -> Tensor");
   m.def("per_sample_distance_backward(Tensor grad, Tensor a, Tensor b, str kind) -> (Tensor, Tensor)");
+  // The IGN objective in one pass (ign_fast/objectives.py, contract in ign_fast/ops.py): total (0-dim) and the
+  // per-sample rec, idem, tight, plus tight before the clamp, which the backward needs with rec.
+  m.def("ign_loss(Tensor x, Tensor fx, Tensor fz, Tensor f_fz, Tensor ff_z, str kind, float lambda_rec, "
+        "float lambda_idem, float lambda_tight, float? tight_clamp_ratio) -> (Tensor total, Tensor rec, "
+        "Tensor idem, Tensor tight, Tensor tight_unclamped)");
+  // Gradients w.r.t. x (an empty [0] tensor unless compute_grad_x), fx, fz, f_fz and ff_z in one pass. A missing
+  // per-sample upstream gradient is zero (only total was used).
+  m.def("ign_loss_backward(Tensor grad_total, Tensor? grad_rec, Tensor? grad_idem, Tensor? grad_tight, Tensor x, "
+        "Tensor fx, Tensor fz, Tensor f_fz, Tensor ff_z, Tensor rec, Tensor tight_unclamped, str kind, "
+        "float lambda_rec, float lambda_idem, float lambda_tight, float? tight_clamp_ratio, bool compute_grad_x) "
+        "-> (Tensor grad_x, Tensor grad_fx, Tensor grad_fz, Tensor grad_f_fz, Tensor grad_ff_z)");
+  // For a fused training step, without autograd: ign_loss's outputs and the gradients of total (d total = 1) in
+  // one kernel per row where the row fits in a block (CUDA), else forward and backward back to back.
+  m.def("ign_loss_with_grad(Tensor x, Tensor fx, Tensor fz, Tensor f_fz, Tensor ff_z, str kind, float lambda_rec, "
+        "float lambda_idem, float lambda_tight, float? tight_clamp_ratio, bool compute_grad_x) -> (Tensor total, "
+        "Tensor rec, Tensor idem, Tensor tight, Tensor tight_unclamped, Tensor grad_x, Tensor grad_fx, "
+        "Tensor grad_fz, Tensor grad_f_fz, Tensor grad_ff_z)");
 }
 
 namespace {

@@ -9,23 +9,14 @@ With d(a, b)_i the per-sample mean |a-b| (l1) or (a-b)^2 (l2), θ' a frozen copy
 """
 import torch
 
-from . import ops
+from . import ops, reference
 from .validation import check_distance_kind, check_nonnegative_float, check_same, check_tensor
 
-# Below this a·rec_i is treated as 0, where the clamp takes its limit sign(tight_i)·a·rec_i: value 0 and
-# d/drec = -a, finite. Above it t/(a·rec) and its square stay representable in float32.
-CLAMP_SCALE_EPS = 1e-12
-# tanh(±20) is ±1 to double precision; clipping its argument keeps huge ratios from overflowing backward.
-CLAMP_ARG_LIMIT = 20.0
-
-
-def clamp_tight(tight, rec, ratio):
-    """tanh(tight / (ratio·rec)) · ratio·rec, defined (and finite in value and gradient) at rec = 0."""
-    scale = ratio * rec
-    usable = scale > CLAMP_SCALE_EPS
-    safe_scale = torch.where(usable, scale, torch.ones_like(scale))
-    smooth = torch.tanh((tight / safe_scale).clamp(-CLAMP_ARG_LIMIT, CLAMP_ARG_LIMIT)) * safe_scale
-    return torch.where(usable, smooth, torch.sign(tight).detach() * scale)
+# The clamp and its rec = 0 limit (CLAMP_SCALE_EPS, CLAMP_ARG_LIMIT) live in reference.py, beside the rest of
+# the objective's plain-PyTorch form (reference.ign_loss); the kernels implement exactly those semantics.
+CLAMP_SCALE_EPS = reference.CLAMP_SCALE_EPS
+CLAMP_ARG_LIMIT = reference.CLAMP_ARG_LIMIT
+clamp_tight = reference.clamp_tight
 
 
 class IGNLoss(torch.nn.Module):
@@ -63,11 +54,6 @@ class IGNLoss(torch.nn.Module):
             raise ValueError(f"fz must have per-sample shape {tuple(x.shape[1:])} like x, got {tuple(fz.shape)}")
         check_same("f_fz", f_fz, "fz", fz)
         check_same("ff_z", ff_z, "fz", fz)
-        d = self.distance
-        rec = ops.per_sample_distance(fx, x, d)
-        idem = ops.per_sample_distance(f_fz, fz, d)
-        tight = -ops.per_sample_distance(ff_z, fz.detach(), d)
-        if self.tight_clamp_ratio is not None:
-            tight = clamp_tight(tight, rec, self.tight_clamp_ratio)
-        total = self.lambda_rec * rec.mean() + self.lambda_idem * idem.mean() + self.lambda_tight * tight.mean()
-        return total, rec, idem, tight
+        # one fused pass (ign_fast::ign_loss) where a kernel exists, reference.ign_loss otherwise
+        return ops.ign_loss(x, fx, fz, f_fz, ff_z, self.distance, self.lambda_rec, self.lambda_idem,
+                            self.lambda_tight, self.tight_clamp_ratio)

@@ -20,6 +20,37 @@ def per_sample_distance(a, b, kind="l1"):
     return diff.reshape(a.shape[0], math.prod(a.shape[1:])).mean(dim=1)
 
 
+# Below this ratio·rec_i is treated as 0, where the clamp takes its limit sign(tight_i)·ratio·rec_i: value 0
+# and d/drec = -ratio, finite. Above it tight/(ratio·rec) and its square stay representable in float32.
+CLAMP_SCALE_EPS = 1e-12
+# tanh(±20) is ±1 to double precision; clipping its argument keeps huge ratios from overflowing backward.
+CLAMP_ARG_LIMIT = 20.0
+
+
+def clamp_tight(tight, rec, ratio):
+    """tanh(tight / (ratio·rec)) · ratio·rec, defined (and finite in value and gradient) at rec = 0."""
+    scale = ratio * rec
+    usable = scale > CLAMP_SCALE_EPS
+    safe_scale = torch.where(usable, scale, torch.ones_like(scale))
+    smooth = torch.tanh((tight / safe_scale).clamp(-CLAMP_ARG_LIMIT, CLAMP_ARG_LIMIT)) * safe_scale
+    return torch.where(usable, smooth, torch.sign(tight).detach() * scale)
+
+
+def ign_loss(x, fx, fz, f_fz, ff_z, kind="l1", lambda_rec=20.0, lambda_idem=20.0, lambda_tight=2.5,
+             tight_clamp_ratio=1.5):
+    """The IGN objective (ign_fast.objectives.IGNLoss) term by term: (total, rec, idem, tight).
+
+    rec_i = d(fx, x)_i, idem_i = d(f_fz, fz)_i, tight_i = -d(ff_z, sg fz)_i, clamped by clamp_tight when
+    tight_clamp_ratio is not None; total = λr·mean(rec) + λi·mean(idem) + λt·mean(tight).
+    """
+    rec = per_sample_distance(fx, x, kind)
+    idem = per_sample_distance(f_fz, fz, kind)
+    tight = -per_sample_distance(ff_z, fz.detach(), kind)
+    if tight_clamp_ratio is not None:
+        tight = clamp_tight(tight, rec, tight_clamp_ratio)
+    total = lambda_rec * rec.mean() + lambda_idem * idem.mean() + lambda_tight * tight.mean()
+    return total, rec, idem, tight
+
 def nearest_neighbors(queries, candidates, metric="l2", chunk_size=1024):
     """For each query row, the index of the nearest candidate row and its distance, with distance the
     per-sample mean of |q-c| ("l1") or (q-c)^2 ("l2") as in per_sample_distance; ties go to the lowest

@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run only in triton's interpreter, which reads TRITON_INTERPRET when a
+# kernel is defined: set it before any test imports ign_fast.kernels. It changes nothing else (CPU
+# torch.compile emits C++, and ign_fast picks Triton only when asked: set_backend("triton")).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests are small: two threads is this machine's size, and keeps runs repeatable.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
