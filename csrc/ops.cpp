@@ -10,6 +10,9 @@ TORCH_LIBRARY(ign_fast, m) {
   // mean over non-batch dims of |a-b| (kind="l1") or (a-b)^2 (kind="l2"); float32 (float64 for float64 input)
   m.def("per_sample_distance(Tensor a, Tensor b, str kind) -> Tensor");
   m.def("per_sample_distance_backward(Tensor grad, Tensor a, Tensor b, str kind) -> (Tensor, Tensor)");
+  // for each row of queries [B, D], the lowest index of its nearest row of candidates [M, D] and that
+  // distance, the per_sample_distance of the pair (mean over D of |q-c| or (q-c)^2); no B x M matrix
+  m.def("nearest_neighbors(Tensor queries, Tensor candidates, str metric) -> (Tensor index, Tensor distance)");
 }
 
 namespace {

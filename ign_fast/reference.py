@@ -18,3 +18,27 @@ def per_sample_distance(a, b, kind="l1"):
     diff = a.to(acc) - b.to(acc)
     diff = diff.abs() if kind == "l1" else diff.square()
     return diff.reshape(a.shape[0], math.prod(a.shape[1:])).mean(dim=1)
+
+
+def nearest_neighbors(queries, candidates, metric="l2", chunk_elements=1 << 24):
+    """For each row q of queries [B, D]: (index, distance) of its nearest row of candidates [M, D], where the
+    distance is per_sample_distance(q, c, metric): the mean over D of |q - c| ("l1") or (q - c)^2 ("l2"),
+    computed from direct differences in the accumulation dtype. Ties go to the lowest index; a NaN distance
+    counts as +inf. Candidates are taken in chunks of about chunk_elements differences, so memory stays
+    bounded (B x chunk distances at a time), never B x M."""
+    acc = accumulate_dtype(queries.dtype)
+    q = queries.reshape(queries.shape[0], math.prod(queries.shape[1:])).to(acc)
+    c = candidates.reshape(candidates.shape[0], math.prod(candidates.shape[1:])).to(acc)
+    batch, width = q.shape
+    best_dist = torch.full((batch,), math.inf, dtype=acc, device=q.device)
+    best_idx = torch.zeros((batch,), dtype=torch.int64, device=q.device)
+    chunk = max(1, chunk_elements // max(1, batch * width))
+    for start in range(0, c.shape[0], chunk):
+        diff = q[:, None, :] - c[None, start:start + chunk, :]
+        dist = (diff.abs() if metric == "l1" else diff.square()).mean(dim=2)
+        dist = torch.where(torch.isnan(dist), math.inf, dist)
+        chunk_dist, chunk_idx = dist.min(dim=1)  # the first of equal minima
+        better = chunk_dist < best_dist  # strict: the earlier chunk keeps a tie
+        best_dist = torch.where(better, chunk_dist, best_dist)
+        best_idx = torch.where(better, chunk_idx + start, best_idx)
+    return best_idx, best_dist

@@ -1,0 +1,410 @@
+// CPU kernel of ign_fast::nearest_neighbors: for each query row, the index and distance of its nearest
+// candidate row, without ever storing the B x M distance matrix.
+//
+// Distance: the mean over D of |q-c| ("l1") or (q-c)^2 ("l2"), summed in the 16-lane order of
+// per_sample_distance (csrc/cpu/per_sample_distance.cpp) so the reported distance is bit-identical to
+// per_sample_distance(q, c[index]): the IMLE search and the IMLE loss agree exactly.
+//
+// l1: a register-blocked direct kernel (QR queries x CR candidates per micro-tile, 16 lanes per pair kept
+//     in SIMD registers), over candidate tiles that stay in cache; an AVX2 copy of it is chosen at run time
+//     where the CPU has AVX2 (the build targets baseline x86-64, so the compiler alone would use SSE2 only).
+// l2: a GEMM screen plus an exact recompute. Per candidate tile, dot = Q C^T by at::mm (memory B x tile)
+//     gives approx = |q|^2 + |c|^2 - 2 q.c, whose error is bounded by kappa (|q|^2 + |c|^2). A candidate is
+//     recomputed with direct differences only if approx - bound could still reach the best distance found
+//     so far; since the screen never rejects a candidate that could win or tie, the result is the same as a
+//     direct-difference search (the expansion alone can mis-order near ties by cancellation).
+// Ties go to the lowest index: candidates are scanned in increasing order and replace the best only when
+// strictly smaller; candidate splits are merged in order with the same rule. NaN distances never win.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define IGN_FAST_NN_X86_AVX2 1
+#endif
+
+#if defined(__GNUC__)
+#define IGN_FAST_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define IGN_FAST_ALWAYS_INLINE inline
+#endif
+
+namespace ign_fast {
+namespace {
+
+// per_sample_distance keeps 16 independent partial sums per row; the search must use the same order.
+constexpr int64_t kSumLanes = 16;
+
+// 32-byte vectors through the GCC/Clang vector extension: two SSE registers in the baseline build, one AVX
+// register in the AVX2 copy. Lane-wise adds are the same IEEE operations as per_sample_distance's scalar
+// lanes, so the sums are bit-identical.
+#if defined(__GNUC__) && !defined(__clang__)
+// Vectors only cross always_inline helpers, never a real call, so the ABI note about passing 32-byte
+// vectors without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef int64_t i64x4 __attribute__((vector_size(32)));
+
+template <typename T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  using V = f32x8;
+  static constexpr int kWidth = 8;
+  static constexpr int kQueries = 2;     // QR x CR x (16 / kWidth) accumulators = 8 registers with AVX2
+  static constexpr int kCandidates = 2;
+  static IGN_FAST_ALWAYS_INLINE V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));  // unaligned load
+    return v;
+  }
+  static IGN_FAST_ALWAYS_INLINE V abs(V v) { return (V)((i32x8)v & ((i32x8){} + 0x7fffffff)); }
+};
+
+template <>
+struct Simd<double> {
+  using V = f64x4;
+  static constexpr int kWidth = 4;
+  static constexpr int kQueries = 2;
+  static constexpr int kCandidates = 1;
+  static IGN_FAST_ALWAYS_INLINE V load(const double* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static IGN_FAST_ALWAYS_INLINE V abs(V v) { return (V)((i64x4)v & ((i64x4){} + 0x7fffffffffffffffLL)); }
+};
+
+// Sums over n of |q-c| or (q-c)^2 for QR queries x CR candidates, each in per_sample_distance's order:
+// lane l accumulates elements l, l+16, l+32, ...; the tail (n % 16) is added to lane 0 in order; the lanes
+// are then added 0..15.
+template <typename T, DistanceKind kind, int QR, int CR>
+IGN_FAST_ALWAYS_INLINE void micro_tile_sums(const T* const* q, const T* const* c, int64_t n, T (&sums)[QR][CR]) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int kVecs = kSumLanes / S::kWidth;
+  V acc[QR][CR][kVecs];
+  for (int a = 0; a < QR; ++a)
+    for (int b = 0; b < CR; ++b)
+      for (int v = 0; v < kVecs; ++v) acc[a][b][v] = V{};
+  int64_t j = 0;
+  for (; j + kSumLanes <= n; j += kSumLanes) {
+    for (int v = 0; v < kVecs; ++v) {
+      V cv[CR];
+      for (int b = 0; b < CR; ++b) cv[b] = S::load(c[b] + j + v * S::kWidth);
+      for (int a = 0; a < QR; ++a) {
+        const V qv = S::load(q[a] + j + v * S::kWidth);
+        for (int b = 0; b < CR; ++b) {
+          const V d = qv - cv[b];
+          if constexpr (kind == DistanceKind::L1) {
+            acc[a][b][v] += S::abs(d);
+          } else {
+            acc[a][b][v] += d * d;
+          }
+        }
+      }
+    }
+  }
+  for (int a = 0; a < QR; ++a) {
+    for (int b = 0; b < CR; ++b) {
+      T lanes[kSumLanes];
+      std::memcpy(lanes, acc[a][b], sizeof(lanes));
+      for (int64_t k = j; k < n; ++k) {
+        const T d = q[a][k] - c[b][k];
+        lanes[0] += kind == DistanceKind::L1 ? std::abs(d) : d * d;
+      }
+      T total = 0;
+      for (int64_t l = 0; l < kSumLanes; ++l) total += lanes[l];
+      sums[a][b] = total;
+    }
+  }
+}
+
+// Scans candidate rows [0, rows) of one tile (global index offset + r) for queries [q_begin, q_end),
+// updating best_dist / best_idx (indexed by query). Every pair goes through the same micro-tile code,
+// short edge groups repeat their last row, so duplicate candidates get bit-identical distances.
+template <typename T, DistanceKind kind>
+IGN_FAST_ALWAYS_INLINE void scan_tile_impl(const T* queries, int64_t q_begin, int64_t q_end, const T* tile,
+                                           int64_t rows, int64_t offset, int64_t n, T* best_dist,
+                                           int64_t* best_idx) {
+  constexpr int QR = Simd<T>::kQueries;
+  constexpr int CR = Simd<T>::kCandidates;
+  const T inv_n_divisor = static_cast<T>(n);
+  for (int64_t qi = q_begin; qi < q_end; qi += QR) {
+    const int q_count = static_cast<int>(std::min<int64_t>(QR, q_end - qi));
+    const T* qp[QR];
+    for (int a = 0; a < QR; ++a) qp[a] = queries + (qi + std::min(a, q_count - 1)) * n;
+    for (int64_t r = 0; r < rows; r += CR) {
+      const int c_count = static_cast<int>(std::min<int64_t>(CR, rows - r));
+      const T* cp[CR];
+      for (int b = 0; b < CR; ++b) cp[b] = tile + (r + std::min(b, c_count - 1)) * n;
+      T sums[QR][CR];
+      micro_tile_sums<T, kind, QR, CR>(qp, cp, n, sums);
+      for (int a = 0; a < q_count; ++a) {
+        for (int b = 0; b < c_count; ++b) {
+          const T mean = sums[a][b] / inv_n_divisor;  // as per_sample_distance: sum / n
+          if (mean < best_dist[qi + a]) {              // strict: earlier (lower) index wins ties; NaN never wins
+            best_dist[qi + a] = mean;
+            best_idx[qi + a] = offset + r + b;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, DistanceKind kind>
+void scan_tile_baseline(const T* queries, int64_t q_begin, int64_t q_end, const T* tile, int64_t rows,
+                        int64_t offset, int64_t n, T* best_dist, int64_t* best_idx) {
+  scan_tile_impl<T, kind>(queries, q_begin, q_end, tile, rows, offset, n, best_dist, best_idx);
+}
+
+#ifdef IGN_FAST_NN_X86_AVX2
+// The same code compiled for AVX2. Only adds, subtractions and a sign mask are involved for l1 (no
+// multiply that FMA contraction could fuse), so it is bit-identical to the baseline copy.
+template <typename T, DistanceKind kind>
+__attribute__((target("avx2"))) void scan_tile_avx2(const T* queries, int64_t q_begin, int64_t q_end,
+                                                    const T* tile, int64_t rows, int64_t offset, int64_t n,
+                                                    T* best_dist, int64_t* best_idx) {
+  scan_tile_impl<T, kind>(queries, q_begin, q_end, tile, rows, offset, n, best_dist, best_idx);
+}
+#endif
+
+template <typename T, DistanceKind kind>
+using ScanTileFn = void (*)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, T*, int64_t*);
+
+template <typename T, DistanceKind kind>
+ScanTileFn<T, kind> pick_scan_tile() {
+#ifdef IGN_FAST_NN_X86_AVX2
+  if (__builtin_cpu_supports("avx2")) return &scan_tile_avx2<T, kind>;
+#endif
+  return &scan_tile_baseline<T, kind>;
+}
+
+// One pair's sum in per_sample_distance's order (the exact recompute of the l2 screen).
+template <typename T, DistanceKind kind>
+T pair_sum(const T* q, const T* c, int64_t n) {
+  T sums[1][1];
+  const T* qp[1] = {q};
+  const T* cp[1] = {c};
+  micro_tile_sums<T, kind, 1, 1>(qp, cp, n, sums);
+  return sums[0][0];
+}
+
+// Rows of a tile: about 128 KiB of candidates, so a tile stays in L2 while every query of a task sweeps it.
+int64_t candidate_tile_rows(int64_t n, int64_t element_size, int64_t multiple) {
+  int64_t rows = std::max<int64_t>(multiple, (int64_t(128) << 10) / std::max<int64_t>(n * element_size, 1));
+  rows = std::min<int64_t>(rows, 512);
+  return std::max<int64_t>(multiple, rows / multiple * multiple);
+}
+
+// Candidates as acc_t rows: a view when they already are, else a converted copy of just this tile.
+template <typename scalar_t, typename acc_t>
+const acc_t* tile_rows_as(const scalar_t* src, int64_t rows, int64_t n, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    buffer.resize(static_cast<size_t>(rows * n));
+    for (int64_t k = 0; k < rows * n; ++k) buffer[k] = static_cast<acc_t>(src[k]);
+    return buffer.data();
+  }
+}
+
+// l1 (and the shared split / merge structure): tasks are (query chunk, candidate split) pairs so both a
+// large B and a large M (or B = 1) keep every thread busy; each split keeps its own best per query, and
+// the splits are merged in increasing order.
+template <typename scalar_t, typename acc_t>
+void nearest_l1(const at::Tensor& queries, const at::Tensor& candidates, acc_t* out_dist, int64_t* out_idx) {
+  const int64_t batch = queries.size(0);
+  const int64_t count = candidates.size(0);
+  const int64_t n = queries.size(1);
+  // Queries in the accumulation type: O(B x D), the size of the input itself.
+  const at::Tensor q_acc = queries.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* qp = q_acc.const_data_ptr<acc_t>();
+  const scalar_t* cp = candidates.const_data_ptr<scalar_t>();
+
+  const int64_t tile_rows = candidate_tile_rows(n, sizeof(acc_t), Simd<acc_t>::kCandidates);
+  const int64_t query_chunk = std::max<int64_t>(Simd<acc_t>::kQueries, 64);
+  const int64_t query_chunks = (batch + query_chunk - 1) / query_chunk;
+  const int64_t tiles = (count + tile_rows - 1) / tile_rows;
+  const int64_t wanted_tasks = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t splits = std::clamp<int64_t>((wanted_tasks + query_chunks - 1) / query_chunks, 1, tiles);
+  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
+
+  std::vector<acc_t> split_dist(static_cast<size_t>(splits * batch), std::numeric_limits<acc_t>::infinity());
+  std::vector<int64_t> split_idx(static_cast<size_t>(splits * batch), 0);
+  const auto scan_tile = pick_scan_tile<acc_t, DistanceKind::L1>();
+
+  at::parallel_for(0, query_chunks * splits, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<acc_t> buffer;
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t split = task / query_chunks;
+      const int64_t q_begin = (task % query_chunks) * query_chunk;
+      const int64_t q_end = std::min(batch, q_begin + query_chunk);
+      const int64_t c_begin = split * tiles_per_split * tile_rows;
+      const int64_t c_end = std::min(count, c_begin + tiles_per_split * tile_rows);
+      acc_t* best_dist = split_dist.data() + split * batch;
+      int64_t* best_idx = split_idx.data() + split * batch;
+      for (int64_t q = q_begin; q < q_end; ++q) best_idx[q] = c_begin;
+      for (int64_t start = c_begin; start < c_end; start += tile_rows) {
+        const int64_t rows = std::min(tile_rows, c_end - start);
+        const acc_t* tile = tile_rows_as<scalar_t, acc_t>(cp + start * n, rows, n, buffer);
+        scan_tile(qp, q_begin, q_end, tile, rows, start, n, best_dist, best_idx);
+      }
+    }
+  });
+  for (int64_t q = 0; q < batch; ++q) {
+    acc_t dist = split_dist[q];
+    int64_t idx = split_idx[q];
+    for (int64_t s = 1; s < splits; ++s) {
+      if (split_dist[s * batch + q] < dist) {
+        dist = split_dist[s * batch + q];
+        idx = split_idx[s * batch + q];
+      }
+    }
+    out_dist[q] = dist;
+    out_idx[q] = idx;
+  }
+}
+
+// l2: GEMM screen, then an exact recompute of every candidate the screen cannot rule out.
+template <typename scalar_t, typename acc_t>
+void nearest_l2(const at::Tensor& queries, const at::Tensor& candidates, acc_t* out_dist, int64_t* out_idx) {
+  const int64_t batch = queries.size(0);
+  const int64_t count = candidates.size(0);
+  const int64_t n = queries.size(1);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor q_acc = queries.to(acc_type).contiguous();
+  const acc_t* qp = q_acc.const_data_ptr<acc_t>();
+
+  // Error bound of approx = |q|^2 + |c|^2 - 2 q.c against the real distance, in units of |q|^2 + |c|^2:
+  // each dot product or squared norm of length n, summed in any order, is off by at most gamma_n times the
+  // sum of |terms| (Higham, Accuracy and Stability, eq. 3.5), with gamma_n ~ n u, and sum |q_d c_d| <=
+  // (|q|^2 + |c|^2) / 2; so approx is off by at most (2 gamma_n + 4u)(|q|^2 + |c|^2). The direct sum of
+  // the recompute is off by gamma_n times the distance, itself <= 2(|q|^2 + |c|^2), and comparing means
+  // adds a few u. kappa = (8n + 64) u covers all of it with a factor of two to spare. A float32 GEMM that
+  // may round its inputs (float32_matmul_precision "high"/"medium": TF32 or bf16) adds up to 2 * 2^-8
+  // relative per product.
+  const double unit = std::numeric_limits<acc_t>::epsilon() / 2;
+  double kappa_d = (8.0 * static_cast<double>(n) + 64.0) * unit;
+  if (std::is_same_v<acc_t, float> &&
+      at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) {
+    kappa_d += 4.0 * std::ldexp(1.0, -8);
+  }
+  const acc_t kappa = static_cast<acc_t>(kappa_d);
+  const acc_t bound_scale = static_cast<acc_t>(1.0 + 8.0 * unit);
+
+  std::vector<acc_t> q_norm(static_cast<size_t>(batch));
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t s = 0;
+      for (int64_t k = 0; k < n; ++k) s += qp[i * n + k] * qp[i * n + k];
+      q_norm[i] = s;
+    }
+  });
+
+  // Tiles of at most ~1M dot products (B x tile) and ~16 MiB of converted candidates.
+  const int64_t tile_rows = std::clamp<int64_t>(
+      std::min<int64_t>((int64_t(1) << 20) / std::max<int64_t>(batch, 1),
+                        (int64_t(4) << 20) / std::max<int64_t>(n, 1)),
+      64, std::max<int64_t>(count, 64));
+  std::vector<acc_t> best_dist(static_cast<size_t>(batch), std::numeric_limits<acc_t>::infinity());
+  std::vector<acc_t> best_bound(static_cast<size_t>(batch), std::numeric_limits<acc_t>::infinity());
+  std::vector<int64_t> best_idx(static_cast<size_t>(batch), 0);
+  std::vector<acc_t> c_norm;
+
+  for (int64_t start = 0; start < count; start += tile_rows) {
+    const int64_t rows = std::min(tile_rows, count - start);
+    const at::Tensor tile = candidates.narrow(0, start, rows).to(acc_type).contiguous();
+    const acc_t* tp = tile.const_data_ptr<acc_t>();
+    const at::Tensor dots = at::mm(q_acc, tile.t()).contiguous();  // [B, rows]: O(tile) memory
+    const acc_t* dp = dots.const_data_ptr<acc_t>();
+    c_norm.resize(static_cast<size_t>(rows));
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        acc_t s = 0;
+        for (int64_t k = 0; k < n; ++k) s += tp[r * n + k] * tp[r * n + k];
+        c_norm[r] = s;
+      }
+    });
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* qi = qp + i * n;
+        const acc_t* dot_row = dp + i * rows;
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t norms = q_norm[i] + c_norm[r];
+          const acc_t lower = (norms - 2 * dot_row[r]) - kappa * norms;
+          if (lower > best_bound[i]) continue;  // cannot reach the best; NaN or inf falls through to recompute
+          const acc_t mean = pair_sum<acc_t, DistanceKind::L2>(qi, tp + r * n, n) / static_cast<acc_t>(n);
+          if (mean < best_dist[i]) {
+            best_dist[i] = mean;
+            best_idx[i] = start + r;
+            best_bound[i] = mean * static_cast<acc_t>(n) * bound_scale;
+          }
+        }
+      }
+    });
+  }
+  for (int64_t q = 0; q < batch; ++q) {
+    out_dist[q] = best_dist[q];
+    out_idx[q] = best_idx[q];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_neighbors_cpu(const at::Tensor& queries, const at::Tensor& candidates,
+                                                         c10::string_view metric_name) {
+  TORCH_CHECK(metric_name == "l1" || metric_name == "l2", "ign_fast: metric must be 'l1' or 'l2', got '",
+              std::string(metric_name), "'");
+  const DistanceKind kind = parse_distance_kind(std::string(metric_name));
+  TORCH_CHECK(queries.dim() == 2, "ign_fast: queries must be 2-D [B, D], got shape ", queries.sizes());
+  TORCH_CHECK(candidates.dim() == 2, "ign_fast: candidates must be 2-D [M, D], got shape ", candidates.sizes());
+  TORCH_CHECK(queries.size(1) == candidates.size(1), "ign_fast: candidates must have the row length D = ",
+              queries.size(1), " of queries, got ", candidates.size(1));
+  TORCH_CHECK(queries.scalar_type() == candidates.scalar_type(), "ign_fast: candidates must have the dtype of ",
+              "queries (", queries.scalar_type(), "), got ", candidates.scalar_type());
+  TORCH_CHECK(at::isFloatingType(queries.scalar_type()),
+              "ign_fast: queries must be float64, float32, bfloat16 or float16, got ", queries.scalar_type());
+  TORCH_CHECK(queries.device().is_cpu() && candidates.device().is_cpu(),
+              "ign_fast: nearest_neighbors CPU kernel got queries on ", queries.device(), " and candidates on ",
+              candidates.device());
+  TORCH_CHECK(candidates.size(0) >= 1, "ign_fast: candidates must have at least one row, got shape ",
+              candidates.sizes());
+  TORCH_CHECK(queries.size(1) >= 1, "ign_fast: queries must have at least one element per row, got shape ",
+              queries.sizes());
+  const int64_t batch = queries.size(0);
+  const auto acc_type = accumulate_dtype(queries.scalar_type());
+  at::Tensor index = at::empty({batch}, queries.options().dtype(at::kLong));
+  at::Tensor distance = at::empty({batch}, queries.options().dtype(acc_type));
+  if (batch == 0) return {index, distance};
+  const at::Tensor qc = queries.contiguous();
+  const at::Tensor cc = candidates.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qc.scalar_type(), "nearest_neighbors_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if (kind == DistanceKind::L1) {
+      nearest_l1<scalar_t, acc_t>(qc, cc, distance.mutable_data_ptr<acc_t>(), index.mutable_data_ptr<int64_t>());
+    } else {
+      nearest_l2<scalar_t, acc_t>(qc, cc, distance.mutable_data_ptr<acc_t>(), index.mutable_data_ptr<int64_t>());
+    }
+  });
+  return {index, distance};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ign_fast, CPU, m) { m.impl("nearest_neighbors", &nearest_neighbors_cpu); }
+
+}  // namespace ign_fast
