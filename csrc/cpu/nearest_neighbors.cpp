@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../nearest_neighbors.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define IGN_FAST_NN_X86_AVX2 1
@@ -48,11 +49,6 @@ constexpr int64_t kSumLanes = 16;
 // 32-byte vectors through the GCC/Clang vector extension: two SSE registers in the baseline build, one AVX
 // register in the AVX2 copy. Lane-wise adds are the same IEEE operations as per_sample_distance's scalar
 // lanes, so the sums are bit-identical.
-#if defined(__GNUC__) && !defined(__clang__)
-// Vectors only cross always_inline helpers, never a real call, so the ABI note about passing 32-byte
-// vectors without AVX does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
@@ -67,12 +63,9 @@ struct Simd<float> {
   static constexpr int kWidth = 8;
   static constexpr int kQueries = 2;     // QR x CR x (16 / kWidth) accumulators = 8 registers with AVX2
   static constexpr int kCandidates = 2;
-  static IGN_FAST_ALWAYS_INLINE V load(const float* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));  // unaligned load
-    return v;
-  }
-  static IGN_FAST_ALWAYS_INLINE V abs(V v) { return (V)((i32x8)v & ((i32x8){} + 0x7fffffff)); }
+  // Vectors pass by reference: by value, the baseline (non-AVX) build would warn about the vector ABI.
+  static IGN_FAST_ALWAYS_INLINE void load(V& v, const float* p) { std::memcpy(&v, p, sizeof(V)); }  // unaligned
+  static IGN_FAST_ALWAYS_INLINE void add_abs(V& acc, const V& d) { acc += (V)((i32x8)d & 0x7fffffff); }
 };
 
 template <>
@@ -81,12 +74,10 @@ struct Simd<double> {
   static constexpr int kWidth = 4;
   static constexpr int kQueries = 2;
   static constexpr int kCandidates = 1;
-  static IGN_FAST_ALWAYS_INLINE V load(const double* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
+  static IGN_FAST_ALWAYS_INLINE void load(V& v, const double* p) { std::memcpy(&v, p, sizeof(V)); }
+  static IGN_FAST_ALWAYS_INLINE void add_abs(V& acc, const V& d) {
+    acc += (V)((i64x4)d & 0x7fffffffffffffffLL);
   }
-  static IGN_FAST_ALWAYS_INLINE V abs(V v) { return (V)((i64x4)v & ((i64x4){} + 0x7fffffffffffffffLL)); }
 };
 
 // Sums over n of |q-c| or (q-c)^2 for QR queries x CR candidates, each in per_sample_distance's order:
@@ -105,13 +96,14 @@ IGN_FAST_ALWAYS_INLINE void micro_tile_sums(const T* const* q, const T* const* c
   for (; j + kSumLanes <= n; j += kSumLanes) {
     for (int v = 0; v < kVecs; ++v) {
       V cv[CR];
-      for (int b = 0; b < CR; ++b) cv[b] = S::load(c[b] + j + v * S::kWidth);
+      for (int b = 0; b < CR; ++b) S::load(cv[b], c[b] + j + v * S::kWidth);
       for (int a = 0; a < QR; ++a) {
-        const V qv = S::load(q[a] + j + v * S::kWidth);
+        V qv;
+        S::load(qv, q[a] + j + v * S::kWidth);
         for (int b = 0; b < CR; ++b) {
           const V d = qv - cv[b];
           if constexpr (kind == DistanceKind::L1) {
-            acc[a][b][v] += S::abs(d);
+            S::add_abs(acc[a][b][v], d);
           } else {
             acc[a][b][v] += d * d;
           }
@@ -367,24 +359,9 @@ void nearest_l2(const at::Tensor& queries, const at::Tensor& candidates, acc_t* 
 
 std::tuple<at::Tensor, at::Tensor> nearest_neighbors_cpu(const at::Tensor& queries, const at::Tensor& candidates,
                                                          c10::string_view metric_name) {
-  TORCH_CHECK(metric_name == "l1" || metric_name == "l2", "ign_fast: metric must be 'l1' or 'l2', got '",
-              std::string(metric_name), "'");
-  const DistanceKind kind = parse_distance_kind(std::string(metric_name));
-  TORCH_CHECK(queries.dim() == 2, "ign_fast: queries must be 2-D [B, D], got shape ", queries.sizes());
-  TORCH_CHECK(candidates.dim() == 2, "ign_fast: candidates must be 2-D [M, D], got shape ", candidates.sizes());
-  TORCH_CHECK(queries.size(1) == candidates.size(1), "ign_fast: candidates must have the row length D = ",
-              queries.size(1), " of queries, got ", candidates.size(1));
-  TORCH_CHECK(queries.scalar_type() == candidates.scalar_type(), "ign_fast: candidates must have the dtype of ",
-              "queries (", queries.scalar_type(), "), got ", candidates.scalar_type());
-  TORCH_CHECK(at::isFloatingType(queries.scalar_type()),
-              "ign_fast: queries must be float64, float32, bfloat16 or float16, got ", queries.scalar_type());
-  TORCH_CHECK(queries.device().is_cpu() && candidates.device().is_cpu(),
-              "ign_fast: nearest_neighbors CPU kernel got queries on ", queries.device(), " and candidates on ",
-              candidates.device());
-  TORCH_CHECK(candidates.size(0) >= 1, "ign_fast: candidates must have at least one row, got shape ",
-              candidates.sizes());
-  TORCH_CHECK(queries.size(1) >= 1, "ign_fast: queries must have at least one element per row, got shape ",
-              queries.sizes());
+  const DistanceKind kind = check_nearest_neighbors_inputs(queries, candidates, metric_name);
+  TORCH_CHECK(queries.device().is_cpu(), "ign_fast: nearest_neighbors CPU kernel got queries on ",
+              queries.device());
   const int64_t batch = queries.size(0);
   const auto acc_type = accumulate_dtype(queries.scalar_type());
   at::Tensor index = at::empty({batch}, queries.options().dtype(at::kLong));
