@@ -6,15 +6,14 @@
 Each size is checked first: ours against a float64 direct-difference search on a sample of queries, and
 against the baseline's index (near ties aside). Then the median time of each provider, its throughput
 (2 B M D operations: one difference and one accumulation per element pair) and its peak memory beyond the
-inputs: on CUDA torch.cuda.max_memory_allocated; on CPU the growth of the peak resident set (ru_maxrss) of a
-fresh process that makes the inputs and then calls the provider once, which counts every allocation, torch's
-or not. Prints a markdown table.
+inputs: on CUDA torch.cuda.max_memory_allocated; on CPU (Linux) the peak resident set (VmHWM) of a fresh
+process that makes the inputs, resets its high-water mark (/proc/self/clear_refs) and calls the provider
+once, minus its resident set just before: every allocation counts, torch's or not. Prints a markdown table.
 """
 import argparse
 import datetime
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -117,7 +116,7 @@ def peak_memory_cuda(fn):
 
 
 def peak_memory_cpu(provider, metric, batch, count, width, threads):
-    """Peak resident-set growth of one call, measured in a fresh process (ru_maxrss only grows)."""
+    """Peak resident-set growth of one call, measured in a fresh process."""
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memprobe", provider, metric, str(batch),
                           str(count), str(width), "--threads", str(threads)],
                          capture_output=True, text=True, timeout=600, check=True)
@@ -130,10 +129,18 @@ def memprobe(args):
     q, c = make_inputs(int(batch), int(count), int(width), torch.device("cpu"))
     small_q, small_c = q[:2].clone(), c[:3].clone()
     PROVIDERS[provider](small_q, small_c, metric)  # load lazily initialised libraries before the baseline reading
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak resident set to the current one (Linux >= 4.0)
+    before = _proc_status_bytes("VmRSS")
     PROVIDERS[provider](q, c, metric)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    print(_proc_status_bytes("VmHWM") - before)
+
+
+def _proc_status_bytes(key):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
 
 
 def human_bytes(n):

@@ -34,6 +34,15 @@
 #define IGN_FAST_NN_X86_AVX2 1
 #endif
 
+// torch >= 2.13 (checked) lets oneDNN matmuls round float32 inputs independently of
+// float32_matmul_precision (torch.backends.mkldnn.matmul.fp32_precision); older headers lack the query.
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+#define IGN_FAST_NN_FP32_PRECISION_API 1
+#endif
+#endif
+
 #if defined(__GNUC__)
 #define IGN_FAST_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -273,6 +282,22 @@ void nearest_l1(const at::Tensor& queries, const at::Tensor& candidates, acc_t* 
   }
 }
 
+// Whether at::mm on float32 CPU tensors may round its inputs (to TF32 or bf16). When unsure, say yes: that
+// only widens the screen (more exact recomputes), never changes the result.
+bool cpu_float32_matmul_may_round() {
+  const auto& context = at::globalContext();
+#ifdef IGN_FAST_NN_FP32_PRECISION_API
+  // torch.set_float32_matmul_precision("medium"/"high") is reflected here too
+  const auto precision = context.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  if (precision == at::Float32Precision::TF32 || precision == at::Float32Precision::BF16) return true;
+#endif
+  try {
+    return context.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+  } catch (const c10::Error&) {  // torch refuses the legacy query once legacy and new settings were mixed
+    return true;
+  }
+}
+
 // l2: GEMM screen, then an exact recompute of every candidate the screen cannot rule out.
 template <typename scalar_t, typename acc_t>
 void nearest_l2(const at::Tensor& queries, const at::Tensor& candidates, acc_t* out_dist, int64_t* out_idx) {
@@ -283,18 +308,17 @@ void nearest_l2(const at::Tensor& queries, const at::Tensor& candidates, acc_t* 
   const at::Tensor q_acc = queries.to(acc_type).contiguous();
   const acc_t* qp = q_acc.const_data_ptr<acc_t>();
 
-  // Error bound of approx = |q|^2 + |c|^2 - 2 q.c against the real distance, in units of |q|^2 + |c|^2:
-  // each dot product or squared norm of length n, summed in any order, is off by at most gamma_n times the
-  // sum of |terms| (Higham, Accuracy and Stability, eq. 3.5), with gamma_n ~ n u, and sum |q_d c_d| <=
-  // (|q|^2 + |c|^2) / 2; so approx is off by at most (2 gamma_n + 4u)(|q|^2 + |c|^2). The direct sum of
-  // the recompute is off by gamma_n times the distance, itself <= 2(|q|^2 + |c|^2), and comparing means
-  // adds a few u. kappa = (8n + 64) u covers all of it with a factor of two to spare. A float32 GEMM that
-  // may round its inputs (float32_matmul_precision "high"/"medium": TF32 or bf16) adds up to 2 * 2^-8
-  // relative per product.
+  // Why the screen is exact. With N = |q|^2 + |c|^2, t the real distance (sum), a the expansion and s the
+  // direct sum the recompute would give: a sum of n products in any order is off by at most gamma_n ~ n u
+  // times the sum of |terms| (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5), and
+  // sum |q_d c_d| <= N / 2, so |a - t| <= (2 gamma_n + 4u) N; |s - t| <= gamma_n t <= 2 gamma_n N. A candidate
+  // is skipped when a - kappa N > bound >= s_best, and then s >= a - (4 gamma_n + 4u) N > s_best: it can
+  // neither win nor tie. kappa = (8n + 64) u is twice what that needs (the spare covers evaluating a and
+  // the bound). A float32 GEMM allowed to round its inputs (float32_matmul_precision "high"/"medium": TF32
+  // or bf16) is off by up to a further 2 * 2^-8 N.
   const double unit = std::numeric_limits<acc_t>::epsilon() / 2;
   double kappa_d = (8.0 * static_cast<double>(n) + 64.0) * unit;
-  if (std::is_same_v<acc_t, float> &&
-      at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) {
+  if (std::is_same_v<acc_t, float> && cpu_float32_matmul_may_round()) {
     kappa_d += 4.0 * std::ldexp(1.0, -8);
   }
   const acc_t kappa = static_cast<acc_t>(kappa_d);

@@ -238,21 +238,33 @@ void nearest_l1_cuda(const at::Tensor& queries, const at::Tensor& candidates, at
   });
 }
 
+// Whether at::mm on float32 CUDA tensors may round its inputs (TF32, or bf16). When unsure, say yes: that
+// only widens the screen (more exact recomputes), never changes the result.
+bool cuda_float32_matmul_may_round() {
+  const auto& context = at::globalContext();
+  try {
+    return context.allowTF32CuBLAS() || context.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+  } catch (const c10::Error&) {  // torch refuses the legacy queries once legacy and new settings were mixed
+    return true;
+  }
+}
+
 void nearest_l2_cuda(const at::Tensor& queries, const at::Tensor& candidates, at::Tensor& keys) {
   const int64_t batch = queries.size(0);
   const int64_t count = candidates.size(0);
   const int64_t width = queries.size(1);
-  // Error bound of the expansion in units of |q|^2 + |c|^2 (Higham, Accuracy and Stability, eq. 3.5: a sum
-  // of n products in any order is off by gamma_n ~ n u times the sum of |terms|, and sum |q_d c_d| <=
-  // (|q|^2 + |c|^2) / 2): (2 gamma_n + 4u) for approx, 2 gamma_n for the direct recompute (a distance is
-  // <= 2(|q|^2 + |c|^2)), a few u for the comparisons; (8n + 64) u covers it twice over. A GEMM allowed to
-  // round its float32 inputs (TF32, or bf16 under float32_matmul_precision "medium") adds up to 2 * 2^-8.
+  // Why the screen is exact. With N = |q|^2 + |c|^2, t the real distance (sum), a the expansion and s the
+  // direct sum of the recompute: a sum of n products in any order is off by at most gamma_n ~ n u times the
+  // sum of |terms| (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5), sum |q_d c_d| <= N / 2,
+  // so |a - t| <= (2 gamma_n + 4u) N and |s - t| <= gamma_n t <= 2 gamma_n N. Hence every published upper
+  // bound a + kappa N is >= that candidate's s >= the best s, and a candidate skipped because
+  // a - kappa N > U has s >= a - (4 gamma_n + 4u) N > U >= best s: it can neither win nor tie.
+  // kappa = (8n + 64) u is twice what that needs (the spare covers evaluating a and the bounds in float).
+  // A GEMM allowed to round its float32 inputs (TF32, or bf16 under float32_matmul_precision "medium") is
+  // off by up to a further 2 * 2^-8 N.
   const double unit = std::ldexp(1.0, -24);
   double kappa = (8.0 * static_cast<double>(width) + 64.0) * unit;
-  const auto& context = at::globalContext();
-  if (context.allowTF32CuBLAS() || context.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) {
-    kappa += 4.0 * std::ldexp(1.0, -8);
-  }
+  if (cuda_float32_matmul_may_round()) kappa += 4.0 * std::ldexp(1.0, -8);
   const at::Tensor q_f = queries.to(at::kFloat).contiguous();
   const at::Tensor q_norm = q_f.square().sum(1);
   at::Tensor upper_bound = at::full({batch}, std::numeric_limits<float>::infinity(), q_f.options());
