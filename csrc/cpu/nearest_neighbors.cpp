@@ -343,11 +343,18 @@ void nearest_l2(const at::Tensor& queries, const at::Tensor& candidates, acc_t* 
   std::vector<int64_t> best_idx(static_cast<size_t>(batch), 0);
   std::vector<acc_t> c_norm;
 
+  // One buffer for every tile's dot products (and one for converted low-precision tiles): a fresh allocation
+  // per tile would leave the heap fragmented, so the footprint would creep up with M.
+  at::Tensor dots_buffer = at::empty({batch * tile_rows}, q_acc.options());
+  at::Tensor tile_buffer;
+  if (candidates.scalar_type() != acc_type) tile_buffer = at::empty({tile_rows * n}, q_acc.options());
   for (int64_t start = 0; start < count; start += tile_rows) {
     const int64_t rows = std::min(tile_rows, count - start);
-    const at::Tensor tile = candidates.narrow(0, start, rows).to(acc_type).contiguous();
+    at::Tensor tile = candidates.narrow(0, start, rows);
+    if (tile_buffer.defined()) tile = tile_buffer.narrow(0, 0, rows * n).view({rows, n}).copy_(tile);
     const acc_t* tp = tile.const_data_ptr<acc_t>();
-    const at::Tensor dots = at::mm(q_acc, tile.t()).contiguous();  // [B, rows]: O(tile) memory
+    at::Tensor dots = dots_buffer.narrow(0, 0, batch * rows).view({batch, rows});  // contiguous [B, rows]
+    at::mm_out(dots, q_acc, tile.t());
     const acc_t* dp = dots.const_data_ptr<acc_t>();
     c_norm.resize(static_cast<size_t>(rows));
     at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
