@@ -85,25 +85,27 @@ def check(q, c, metric, sample=16):
     return agree
 
 
-def median_time(fn, device, reps):
-    fn()  # warm-up (and, for Triton, compile)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-    times = []
+def median_times(fns, device, reps):
+    """Median seconds of each function. The providers take turns within every repetition, so a change in
+    the load of a shared machine hits them alike."""
+    for fn in fns:
+        fn()  # warm-up (and, for Triton, compile)
+    times = [[] for _ in fns]
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, samples in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def peak_memory_cuda(fn):
@@ -188,17 +190,16 @@ def main():
             for count in counts:
                 q, c = make_inputs(args.batch, count, width, device)
                 agree = check(q, c, metric)
-                base_time = None
-                for name in providers:
-                    fn = PROVIDERS[name]
-                    seconds = median_time(lambda: fn(q, c, metric), device, reps)
+                calls = [lambda fn=PROVIDERS[name]: fn(q, c, metric) for name in providers]
+                seconds_all = median_times(calls, device, reps)
+                base_time = seconds_all[0]
+                for name, call, seconds in zip(providers, calls, seconds_all):
                     if device.type == "cuda":
-                        memory = peak_memory_cuda(lambda: fn(q, c, metric))
+                        memory = peak_memory_cuda(call)
                     elif args.no_memory:
                         memory = float("nan")
                     else:
                         memory = peak_memory_cpu(name, metric, args.batch, count, width, args.threads)
-                    base_time = base_time or seconds
                     ops = 2.0 * args.batch * count * width
                     print(f"| {metric} | {args.batch} | {count} | {width} | {name} | {seconds * 1e3:.2f} | "
                           f"{ops / seconds / 1e9:.1f} | {human_bytes(memory)} | {base_time / seconds:.2f}x | "
