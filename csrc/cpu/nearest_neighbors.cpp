@@ -243,8 +243,9 @@ void nearest_l1(const at::Tensor& queries, const at::Tensor& candidates, acc_t* 
   const int64_t query_chunks = (batch + query_chunk - 1) / query_chunk;
   const int64_t tiles = (count + tile_rows - 1) / tile_rows;
   const int64_t wanted_tasks = 4 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t splits = std::clamp<int64_t>((wanted_tasks + query_chunks - 1) / query_chunks, 1, tiles);
-  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
+  const int64_t wanted_splits = std::clamp<int64_t>((wanted_tasks + query_chunks - 1) / query_chunks, 1, tiles);
+  const int64_t tiles_per_split = (tiles + wanted_splits - 1) / wanted_splits;
+  const int64_t splits = (tiles + tiles_per_split - 1) / tiles_per_split;  // every split holds candidates
 
   std::vector<acc_t> split_dist(static_cast<size_t>(splits * batch), std::numeric_limits<acc_t>::infinity());
   std::vector<int64_t> split_idx(static_cast<size_t>(splits * batch), 0);
