@@ -146,6 +146,8 @@ def _proc_status_bytes(key):
 
 
 def human_bytes(n):
+    if n != n:
+        return "not measured"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -179,9 +181,12 @@ def main():
         except ImportError:
             pass
 
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = platform.processor() or platform.machine()
     print(f"# nearest_neighbors benchmark: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}"
-          f", {args.threads} threads, command: python {' '.join(sys.argv)}")
+          f"torch {torch.__version__}, device {machine}, {args.threads} threads, command: python {' '.join(sys.argv)}")
     print()
     print("| metric | B | M | D | provider | median ms | GOP/s | peak extra memory | speed-up | index agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|")

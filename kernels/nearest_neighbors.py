@@ -87,7 +87,9 @@ def nearest_neighbors_triton(queries, candidates, metric="l2", *, block_q=16, bl
         return index, distance
     query_blocks = triton.cdiv(batch, block_q)
     candidate_tiles = triton.cdiv(count, block_c)
-    splits = _default_splits(q.device, query_blocks, candidate_tiles) if splits is None else max(1, min(splits, candidate_tiles))
+    if splits is None:
+        splits = _default_splits(q.device, query_blocks, candidate_tiles)
+    splits = max(1, min(splits, candidate_tiles))
     tiles_per_split = triton.cdiv(candidate_tiles, splits)
     splits = triton.cdiv(candidate_tiles, tiles_per_split)
     part_dist = torch.empty((splits, batch), dtype=acc_dtype, device=q.device)

@@ -37,6 +37,7 @@ using Key = unsigned long long;
 
 __device__ __forceinline__ Key pack_key(float distance, int64_t index) {
   if (isnan(distance)) distance = INFINITY;  // NaN counts as +inf; never below a real distance
+  distance += 0.f;                           // -0 would carry the sign bit to the top of the key
   return (static_cast<Key>(__float_as_uint(distance)) << 32) | static_cast<Key>(static_cast<uint32_t>(index));
 }
 
@@ -115,8 +116,8 @@ __global__ void __launch_bounds__(kL1Threads)
   // The 16 threads of a query lane are lanes of one half-warp: xor-shuffles below 16 stay inside it.
 #pragma unroll
   for (int a = 0; a < kPer; ++a) {
-    for (int offset = kSide / 2; offset > 0; offset >>= 1) {
-      best[a] = min_key(best[a], __shfl_xor_sync(0xffffffffu, best[a], offset));
+    for (int step = kSide / 2; step > 0; step >>= 1) {
+      best[a] = min_key(best[a], __shfl_xor_sync(0xffffffffu, best[a], step));
     }
   }
   if (tx == 0) {
@@ -136,11 +137,11 @@ constexpr int kScreenPer = 4;
 constexpr int kScreenCols = kScreenThreads * kScreenPer;  // candidate columns per block
 constexpr int kWarps = kScreenThreads / 32;
 
-// grid: (queries, column chunks of the tile). dots is [batch, rows] for candidates offset .. offset + rows.
+// grid: (queries, column chunks of the tile). dots is [batch, rows] for candidates tile_offset + [0, rows).
 __global__ void __launch_bounds__(kScreenThreads)
     nearest_l2_screen_kernel(const float* __restrict__ dots, const float* __restrict__ queries,
                              const float* __restrict__ tile, const float* __restrict__ q_norm,
-                             const float* __restrict__ c_norm, int64_t rows, int64_t offset, int64_t width,
+                             const float* __restrict__ c_norm, int64_t rows, int64_t tile_offset, int64_t width,
                              float kappa, float* __restrict__ upper_bound, Key* __restrict__ keys) {
   __shared__ int refine_cols[kScreenCols];
   __shared__ int refine_count;
@@ -165,12 +166,10 @@ __global__ void __launch_bounds__(kScreenThreads)
       const float slack = kappa * norms;
       lower[t] = approx - slack;  // NaN (from inf or NaN inputs) is never "> threshold": recomputed
       const float upper = approx + slack;
-      if (!isnan(upper)) local_min = fminf(local_min, fmaxf(upper, 0.f));
+      if (!isnan(upper)) local_min = fminf(local_min, fmaxf(upper, 0.f) + 0.f);  // + 0: no -0 (negative bits)
     }
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    local_min = fminf(local_min, __shfl_xor_sync(0xffffffffu, local_min, offset));
-  }
+  for (int step = 16; step > 0; step >>= 1) local_min = fminf(local_min, __shfl_xor_sync(0xffffffffu, local_min, step));
   if (threadIdx.x % 32 == 0) warp_min[threadIdx.x / 32] = local_min;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -200,8 +199,8 @@ __global__ void __launch_bounds__(kScreenThreads)
       const float d = q_row[k] - c_row[k];
       sum += d * d;
     }
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    if (lane == 0) atomicMin(keys + i, pack_key(sum / static_cast<float>(width), offset + col));
+    for (int step = 16; step > 0; step >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, step);
+    if (lane == 0) atomicMin(keys + i, pack_key(sum / static_cast<float>(width), tile_offset + col));
   }
 }
 
