@@ -27,6 +27,9 @@ TORCH_LIBRARY(ign_fast, m) {
         "float lambda_idem, float lambda_tight, float? tight_clamp_ratio, bool compute_grad_x) -> (Tensor total, "
         "Tensor rec, Tensor idem, Tensor tight, Tensor tight_unclamped, Tensor grad_x, Tensor grad_fx, "
         "Tensor grad_fz, Tensor grad_f_fz, Tensor grad_ff_z)");
+  // for each row of queries [B, D], the lowest index of its nearest row of candidates [M, D] and that
+  // distance, the per_sample_distance of the pair (mean over D of |q-c| or (q-c)^2); no B x M matrix
+  m.def("nearest_neighbors(Tensor queries, Tensor candidates, str metric) -> (Tensor index, Tensor distance)");
 }
 
 namespace {

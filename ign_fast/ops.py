@@ -355,16 +355,54 @@ def _register_triton_ops():
                                       setup_context=_ign_loss_setup)
     return _TritonOps(per_sample_distance_triton, ign_loss_triton)
 
+
+# ---------------------------------------------------------------------------------------------------------
 # nearest_neighbors
 
 def nearest_neighbors(queries, candidates, metric="l2"):
-    """(index [B] int64, distance [B]) of each query's nearest candidate, distance as per_sample_distance."""
+    """For each query row, the index and distance of its nearest candidate row (the IMLE search).
+
+    queries [B, *] and candidates [M, *] are flattened to [B, D] and [M, D]. The distance is the one
+    per_sample_distance reports, the MEAN over D of |q - c| ("l1") or (q - c)^2 ("l2", squared: the mean
+    squared error, torch.cdist(q, c) ** 2 / D), accumulated in float32 (float64 for float64 inputs) from
+    direct differences. Returns (index [B] int64, distance [B] float32, float64 for float64 inputs); ties go to
+    the lowest index and a NaN distance counts as +inf. The B x M distance matrix is never stored. Not
+    differentiable (the index is discrete): recompute the winning distance with per_sample_distance to train
+    through it."""
     check_tensor("queries", queries)
     check_tensor("candidates", candidates)
-    check_distance_kind("metric", metric)
-    if queries[0].numel() != candidates[0].numel() if len(candidates) and len(queries) else False:
-        raise ValueError(f"candidates must have the per-sample size of queries ({queries[0].numel()}), "
-                         f"got {candidates[0].numel()}")
+    if metric not in ("l1", "l2"):
+        raise ValueError(f"metric must be 'l1' or 'l2', got {metric!r}")
+    if candidates.dtype != queries.dtype:
+        raise TypeError(f"candidates must have the dtype of queries ({queries.dtype}), got {candidates.dtype}")
+    if candidates.device != queries.device:
+        raise ValueError(f"candidates must be on the device of queries ({queries.device}), got {candidates.device}")
+    width = queries.shape[1:].numel()
+    if width == 0:
+        raise ValueError(f"queries must have at least one element per row, got shape {tuple(queries.shape)}")
     if candidates.shape[0] == 0:
-        raise ValueError("candidates must hold at least one row")
-    return reference.nearest_neighbors(queries, candidates, metric)
+        raise ValueError(f"candidates must have at least one row, got shape {tuple(candidates.shape)}")
+    if candidates.shape[1:].numel() != width:
+        raise ValueError(f"candidates rows must have D = {width} elements like queries {tuple(queries.shape)}, "
+                         f"got shape {tuple(candidates.shape)}")
+    q = queries.reshape(queries.shape[0], width)
+    c = candidates.reshape(candidates.shape[0], width)
+    if _backend == "triton":
+        from .kernels.nearest_neighbors import nearest_neighbors_triton
+
+        return nearest_neighbors_triton(q, c, metric)
+    # the CUDA kernel packs (float32 distance, index) into one 64-bit word: float64 on CUDA uses the reference
+    if native_available(q) and not (q.is_cuda and q.dtype == torch.float64):
+        return torch.ops.ign_fast.nearest_neighbors(q, c, metric)
+    return reference.nearest_neighbors(q, c, metric)
+
+
+if HAS_C:
+
+    @torch.library.register_fake("ign_fast::nearest_neighbors")
+    def _nearest_neighbors_fake(queries, candidates, metric):
+        torch._check(queries.dim() == 2 and candidates.dim() == 2, lambda: "queries and candidates must be 2-D")
+        torch._check(queries.shape[1] == candidates.shape[1], lambda: "queries and candidates must share D")
+        batch = queries.shape[0]
+        return (queries.new_empty((batch,), dtype=torch.int64),
+                queries.new_empty((batch,), dtype=reference.accumulate_dtype(queries.dtype)))

@@ -51,23 +51,26 @@ def ign_loss(x, fx, fz, f_fz, ff_z, kind="l1", lambda_rec=20.0, lambda_idem=20.0
     total = lambda_rec * rec.mean() + lambda_idem * idem.mean() + lambda_tight * tight.mean()
     return total, rec, idem, tight
 
-def nearest_neighbors(queries, candidates, metric="l2", chunk_size=1024):
-    """For each query row, the index of the nearest candidate row and its distance, with distance the
-    per-sample mean of |q-c| ("l1") or (q-c)^2 ("l2") as in per_sample_distance; ties go to the lowest
-    index. Candidates are scanned in chunks so the B×M matrix is never held whole."""
+
+def nearest_neighbors(queries, candidates, metric="l2", chunk_elements=1 << 24):
+    """For each row q of queries [B, D]: (index, distance) of its nearest row of candidates [M, D], where the
+    distance is per_sample_distance(q, c, metric): the mean over D of |q - c| ("l1") or (q - c)^2 ("l2"),
+    computed from direct differences in the accumulation dtype. Ties go to the lowest index; a NaN distance
+    counts as +inf. Candidates are taken in chunks of about chunk_elements differences, so memory stays
+    bounded (B x chunk distances at a time), never B x M."""
     acc = accumulate_dtype(queries.dtype)
-    q = queries.reshape(queries.shape[0], -1).to(acc)
-    c = candidates.reshape(candidates.shape[0], -1).to(acc)
-    dim = q.shape[1]
-    best = torch.full((q.shape[0],), float("inf"), dtype=acc, device=q.device)
-    best_index = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
-    for start in range(0, c.shape[0], chunk_size):
-        block = c[start:start + chunk_size]
-        p = 1.0 if metric == "l1" else 2.0
-        dist = torch.cdist(q.unsqueeze(0), block.unsqueeze(0), p=p).squeeze(0)
-        dist = (dist if metric == "l1" else dist.square()) / dim
-        value, index = dist.min(dim=1)  # min returns the first minimum: lowest index within the chunk
-        better = value < best           # strict: earlier chunks win ties
-        best = torch.where(better, value, best)
-        best_index = torch.where(better, index + start, best_index)
-    return best_index, best
+    q = queries.reshape(queries.shape[0], math.prod(queries.shape[1:])).to(acc)
+    c = candidates.reshape(candidates.shape[0], math.prod(candidates.shape[1:])).to(acc)
+    batch, width = q.shape
+    best_dist = torch.full((batch,), math.inf, dtype=acc, device=q.device)
+    best_idx = torch.zeros((batch,), dtype=torch.int64, device=q.device)
+    chunk = max(1, chunk_elements // max(1, batch * width))
+    for start in range(0, c.shape[0], chunk):
+        diff = q[:, None, :] - c[None, start:start + chunk, :]
+        dist = (diff.abs() if metric == "l1" else diff.square()).mean(dim=2)
+        dist = torch.where(torch.isnan(dist), math.inf, dist)
+        chunk_dist, chunk_idx = dist.min(dim=1)  # the first of equal minima
+        better = chunk_dist < best_dist  # strict: the earlier chunk keeps a tie
+        best_dist = torch.where(better, chunk_dist, best_dist)
+        best_idx = torch.where(better, chunk_idx + start, best_idx)
+    return best_idx, best_dist
