@@ -3,7 +3,8 @@
 Each op is described once by an `OpSpec`: the op, its float64 oracle, a strategy that draws valid inputs
 (random shapes including batch 0 and 1, dtypes, strided / transposed / sliced / expanded layouts, values from
 1e-30 to 1e30) and one that draws invalid inputs with the error they must raise. The same three tests run
-for every entry of OPS; adding an op (ign_loss, nearest_neighbors) is adding an OpSpec.
+for every entry of OPS: per_sample_distance, ign_loss (its four outputs folded into one per-sample tensor)
+and nearest_neighbors (the nearest distance, which is unique where the index is a tie).
 """
 import dataclasses
 import math
@@ -37,6 +38,7 @@ class OpSpec:
     bad_inputs: Callable      # draw(data) -> (args tuple, kwargs dict, exception type, argument name)
     tolerance: Callable       # (inputs, options, expected) -> (atol, rtol)
     differentiable: bool = True
+    grad_eps_factor: float = 16   # gradient tolerance in units of the dtype's eps (a composite needs more)
 
 
 # ------------------------------------------------------------------------------------------ tensor drawing
@@ -145,9 +147,147 @@ def distance_oracle(a, b, kind="l1"):
     return reference.per_sample_distance(a, b, kind)
 
 
+# ------------------------------------------------------------------------------------------ ign_loss
+
+@st.composite
+def loss_inputs(draw):
+    shape = draw(shapes(min_batch=1))  # the loss needs at least one sample
+    dtype = draw(st.sampled_from(DTYPES))
+    kind = draw(st.sampled_from(["l1", "l2"]))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    ratio = draw(st.sampled_from([None, 1.5, 1e-3]))  # off, the paper's, and one that saturates tanh
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    x, fx, fz, ffz = (torch.randn(shape, generator=g, dtype=torch.float64) * scale for _ in range(4))
+    if draw(st.booleans()):
+        fx = x.clone()  # rec_i = 0 exactly: the clamp's limit
+    layouts = [draw(st.sampled_from(LAYOUTS)) for _ in range(4)]
+    x, fx, fz, ffz = (in_layout(t.to(dtype), layout) for t, layout in zip((x, fx, fz, ffz), layouts))
+    ff_z = ffz if draw(st.booleans()) else ffz.clone()  # one tensor in both roles, or two equal ones
+    options = {"kind": kind, "lambda_rec": draw(st.sampled_from([0.0, 20.0])), "lambda_idem": 20.0,
+               "lambda_tight": draw(st.sampled_from([0.0, 2.5])), "tight_clamp_ratio": ratio}
+    return (x, fx, fz, ffz, ff_z), options
+
+
+def loss_per_sample(out):
+    # total, rec, idem, tight folded into one [B] tensor, so the shared properties apply unchanged
+    total, rec, idem, tight = out
+    return total + rec + idem + tight
+
+
+def loss_op(x, fx, fz, f_fz, ff_z, **options):
+    return loss_per_sample(ign_fast.ign_loss(x, fx, fz, f_fz, ff_z, **options))
+
+
+def loss_oracle(x, fx, fz, f_fz, ff_z, **options):
+    return loss_per_sample(reference.ign_loss(x, fx, fz, f_fz, ff_z, **options))
+
+
+def loss_tolerance(inputs, options, expected):
+    x = inputs[0]
+    per_row = max(1, math.prod(x.shape[1:]))
+    eps = EPS[torch.float64 if x.dtype == torch.float64 else torch.float32]
+    terms = reference.ign_loss(*(t.double() for t in inputs), **options)
+    scale = max(float(t.abs().max()) for t in terms)
+    # each term is a per-row mean (n·eps), the clamp's tanh at most doubles it, total sums B of them
+    rtol = 8 * eps * per_row + 8 * eps
+    return rtol * scale + 1e-300, rtol
+
+
+@st.composite
+def bad_loss_inputs(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    shape = draw(shapes(min_batch=1))
+    x = torch.randn(shape, generator=g)
+    good = [x, x + 1, x - 1, x * 2, x * 2]
+    case = draw(st.sampled_from(["fx_shape", "ff_z_dtype", "kind", "lambda", "ratio", "empty", "x_int", "f_fz_none"]))
+    if case == "fx_shape":
+        other = draw(shapes(min_batch=1).filter(lambda s: s != shape))
+        return (x, torch.randn(other, generator=g), *good[2:]), {}, ValueError, "fx"
+    if case == "ff_z_dtype":
+        return (*good[:4], good[4].double()), {}, TypeError, "ff_z"
+    if case == "kind":
+        return tuple(good), {"kind": "cos"}, ValueError, "kind"
+    if case == "lambda":
+        return tuple(good), {"lambda_idem": -1.0}, ValueError, "lambda_idem"
+    if case == "ratio":
+        return tuple(good), {"tight_clamp_ratio": 0.0}, ValueError, "tight_clamp_ratio"
+    if case == "empty":
+        empty = torch.zeros((0, *shape[1:]))
+        return (empty,) * 5, {}, ValueError, "x"
+    if case == "x_int":
+        return (x.to(torch.int64), *good[1:]), {}, TypeError, "x"
+    if case == "f_fz_none":
+        return (*good[:3], None, good[4]), {}, TypeError, "f_fz"
+    raise AssertionError(case)
+
+
+# ------------------------------------------------------------------------------------------ nearest_neighbors
+
+@st.composite
+def neighbor_inputs(draw):
+    batch = draw(st.sampled_from([0, 1, 3, 17]))
+    count = draw(st.sampled_from([1, 2, 5, 33, 300]))
+    rest = draw(st.lists(st.sampled_from([1, 3, 7, 28]), min_size=1, max_size=2))
+    dtype = draw(st.sampled_from(DTYPES))
+    metric = draw(st.sampled_from(["l1", "l2"]))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    candidates = torch.randn((count, *rest), generator=g, dtype=torch.float64) * scale
+    if draw(st.booleans()) and batch > 0:  # queries copied from candidates: exact minima of 0, ties
+        queries = candidates[torch.randint(0, count, (batch,), generator=g)].clone()
+    else:
+        queries = torch.randn((batch, *rest), generator=g, dtype=torch.float64) * scale
+    queries = in_layout(queries.to(dtype), draw(st.sampled_from(LAYOUTS)))
+    candidates = in_layout(candidates.to(dtype), draw(st.sampled_from(LAYOUTS)))
+    return (queries, candidates), {"metric": metric}
+
+
+def neighbor_distance(queries, candidates, metric="l2"):
+    # the distance to the nearest candidate: unique even where the index is a tie
+    return ign_fast.nearest_neighbors(queries, candidates, metric)[1]
+
+
+def neighbor_oracle(queries, candidates, metric="l2"):
+    return reference.nearest_neighbors(queries, candidates, metric)[1]
+
+
+def neighbor_tolerance(inputs, options, expected):
+    q = inputs[0]
+    per_row = max(1, math.prod(q.shape[1:]))
+    eps = EPS[torch.float64 if q.dtype == torch.float64 else torch.float32]
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return 4 * eps * per_row * scale + 1e-300, 4 * eps * per_row + 2 * eps
+
+
+@st.composite
+def bad_neighbor_inputs(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    q = torch.randn((3, 7), generator=g)
+    c = torch.randn((5, 7), generator=g)
+    case = draw(st.sampled_from(["width", "dtype", "metric", "empty", "q_int", "c_list"]))
+    if case == "width":
+        return (q, torch.randn((5, draw(st.sampled_from([1, 6, 8]))), generator=g)), {}, ValueError, "candidates"
+    if case == "dtype":
+        return (q, c.double()), {}, TypeError, "candidates"
+    if case == "metric":
+        return (q, c), {"metric": "cosine"}, ValueError, "metric"
+    if case == "empty":
+        return (q, c[:0]), {}, ValueError, "candidates"
+    if case == "q_int":
+        return (q.to(torch.int32), c), {}, TypeError, "queries"
+    if case == "c_list":
+        return (q, c.tolist()), {}, TypeError, "candidates"
+    raise AssertionError(case)
+
+
 OPS = {
     "per_sample_distance": OpSpec(op=ign_fast.per_sample_distance, oracle=distance_oracle, inputs=distance_inputs,
                                   bad_inputs=bad_distance_inputs, tolerance=distance_tolerance),
+    # ign_loss gradients pass through λ/B scales and the clamp's tanh and sech² (a dozen roundings)
+    "ign_loss": OpSpec(op=loss_op, oracle=loss_oracle, inputs=loss_inputs, bad_inputs=bad_loss_inputs,
+                       tolerance=loss_tolerance, grad_eps_factor=256),
+    "nearest_neighbors": OpSpec(op=neighbor_distance, oracle=neighbor_oracle, inputs=neighbor_inputs,
+                                bad_inputs=bad_neighbor_inputs, tolerance=neighbor_tolerance, differentiable=False),
 }
 
 
@@ -194,7 +334,8 @@ def test_gradients_match_reference(name, data):
     for g, r in zip(got, ref_leaves):
         scale = r.grad.abs().max().item() if r.grad.numel() else 0.0
         eps = EPS[inputs[0].dtype]
-        torch.testing.assert_close(g.double(), r.grad, atol=16 * eps * scale + 1e-300, rtol=16 * eps)
+        k = spec.grad_eps_factor
+        torch.testing.assert_close(g.double(), r.grad, atol=k * eps * scale + 1e-300, rtol=k * eps)
 
 
 @pytest.mark.parametrize("name", list(OPS))
