@@ -12,6 +12,8 @@ if [ ! -x "$VENV_CUDA/bin/python" ] || ! "$VENV_CUDA/bin/python" -c "import torc
   python3 -m venv "$VENV_CUDA"
   "$VENV_CUDA/bin/pip" install -q torch==2.14.1 'numpy<2.4' pybind11 ninja setuptools wheel
 fi
+# importing ign_fast (to load the built module) needs its runtime dependencies too
+"$VENV_CUDA/bin/pip" install -q safetensors pillow tqdm 2>&1 | grep -v "^WARNING: Location" || true
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
