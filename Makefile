@@ -9,7 +9,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH := $(if $(HAS_GPU),torch,torch==2.13.0 triton==3.6.0)
 SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 DEMO_OUT ?= runs/demo
-DEMO_STEPS ?= 700
+DEMO_STEPS ?= 2000
 
 .PHONY: setup demo test bench clean
 
@@ -29,7 +29,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 demo: setup
-	$(VENV)/bin/ign-fast train --out $(DEMO_OUT) --steps $(DEMO_STEPS) --sample-every 100 --checkpoint-every 100
+	$(VENV)/bin/ign-fast train --out $(DEMO_OUT) --steps $(DEMO_STEPS) --sample-every 500 --checkpoint-every 500
 	$(VENV)/bin/ign-fast project $(DEMO_OUT) --corruption noise
 	$(VENV)/bin/ign-fast project $(DEMO_OUT) --corruption mask
 	@echo "samples: $(DEMO_OUT)/samples.png   projections: $(DEMO_OUT)/project/"
