@@ -23,3 +23,16 @@ def devices():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class SkipMLP(torch.nn.Module):
+    """A user-written model with a skip connection: f(x) = x + 0.5·mlp(x)."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        from ign_fast.models import MLP
+
+        self.body = MLP(dim, hidden=16, depth=2)
+
+    def forward(self, x):
+        return x + 0.5 * self.body(x)

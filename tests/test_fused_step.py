@@ -8,18 +8,9 @@ import torch
 import ign_fast
 from ign_fast.models import DCGAN28, DCGAN64, MLP
 
-from conftest import requires_cuda
+from conftest import SkipMLP, requires_cuda
 
 K = 5
-
-
-class SkipMLP(torch.nn.Module):
-    def __init__(self, dim=6):
-        super().__init__()
-        self.body = MLP(dim, hidden=16, depth=2)
-
-    def forward(self, x):
-        return x + 0.5 * self.body(x)
 
 
 MODELS = {

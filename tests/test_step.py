@@ -7,14 +7,7 @@ import torch
 import ign_fast
 from ign_fast.models import DCGAN28, MLP
 
-
-class SkipMLP(torch.nn.Module):
-    def __init__(self, dim=6):
-        super().__init__()
-        self.body = MLP(dim, hidden=16, depth=2)
-
-    def forward(self, x):
-        return x + 0.5 * self.body(x)
+from conftest import SkipMLP
 
 
 def naive_loss(model, x, z, distance="l1", weights=(20.0, 20.0, 2.5), ratio=1.5):
