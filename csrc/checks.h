@@ -28,6 +28,13 @@ inline void check_pair(const at::Tensor& a, const at::Tensor& b, const char* a_n
               " must have at least one element per sample, got shape ", a.sizes());
 }
 
+// grad: one upstream value per sample of a, on a's device (the backward of a per-sample reduction).
+inline void check_per_sample_grad(const at::Tensor& grad, const at::Tensor& a) {
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == a.size(0), "ign_fast: grad must have shape [", a.size(0),
+              "], got ", grad.sizes());
+  TORCH_CHECK(grad.device() == a.device(), "ign_fast: grad must be on ", a.device(), ", got ", grad.device());
+}
+
 // Result dtype of a per-sample reduction: float64 stays float64, everything else accumulates into float32.
 inline at::ScalarType accumulate_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

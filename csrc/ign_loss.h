@@ -171,6 +171,30 @@ C10_HOST_DEVICE inline RowScales<acc_t> row_scales(int64_t row, int64_t batch_x,
                               lambda_rec, lambda_idem, lambda_tight, has_clamp, ratio);
 }
 
+// The five inputs made contiguous once; ff_z shares f_fz's buffer when the two are one tensor (read once).
+struct ContiguousInputs {
+  at::Tensor x, fx, fz, f_fz, ff_z;
+};
+
+inline ContiguousInputs contiguous_inputs(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& fz,
+                                          const at::Tensor& f_fz, const at::Tensor& ff_z, const IgnLossShape& s) {
+  at::Tensor f_fzc = f_fz.contiguous();
+  at::Tensor ff_zc = s.aliased ? f_fzc : ff_z.contiguous();
+  return {x.contiguous(), fx.contiguous(), fz.contiguous(), std::move(f_fzc), std::move(ff_zc)};
+}
+
+// The forward's outputs in the accumulation dtype: total (0-dim), rec [Bx], idem, tight and tight before the
+// clamp [Bz].
+struct ForwardOutputs {
+  at::Tensor total, rec, idem, tight, tight_raw;
+};
+
+inline ForwardOutputs empty_forward_outputs(const at::Tensor& x, const IgnLossShape& s) {
+  const auto options = x.options().dtype(accumulate_dtype(x.scalar_type()));
+  return {at::empty({}, options), at::empty({s.batch_x}, options), at::empty({s.batch_z}, options),
+          at::empty({s.batch_z}, options), at::empty({s.batch_z}, options)};
+}
+
 // An upstream per-sample gradient as a contiguous tensor of acc_type, or undefined when absent (zero).
 inline at::Tensor row_gradient(const c10::optional<at::Tensor>& grad, at::ScalarType acc_type) {
   if (!grad.has_value() || !grad->defined()) return at::Tensor();

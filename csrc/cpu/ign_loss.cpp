@@ -94,15 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ign_loss_
   const IgnLossShape s =
       check_ign_loss_inputs(x, fx, fz, f_fz, ff_z, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio);
   TORCH_CHECK(x.device().is_cpu(), "ign_fast: ign_loss CPU kernel got x on ", x.device());
-  const at::Tensor xc = x.contiguous(), fxc = fx.contiguous(), fzc = fz.contiguous();
-  const at::Tensor f_fzc = f_fz.contiguous();
-  const at::Tensor ff_zc = s.aliased ? f_fzc : ff_z.contiguous();
-  const auto row_options = x.options().dtype(accumulate_dtype(x.scalar_type()));
-  at::Tensor total = at::empty({}, row_options);
-  at::Tensor rec = at::empty({s.batch_x}, row_options);
-  at::Tensor idem = at::empty({s.batch_z}, row_options);
-  at::Tensor tight = at::empty({s.batch_z}, row_options);
-  at::Tensor tight_raw = at::empty({s.batch_z}, row_options);
+  const ContiguousInputs in = contiguous_inputs(x, fx, fz, f_fz, ff_z, s);
+  const at::Tensor &xc = in.x, &fxc = in.fx, &fzc = in.fz, &f_fzc = in.f_fz, &ff_zc = in.ff_z;
+  ForwardOutputs out = empty_forward_outputs(x, s);
+  at::Tensor &total = out.total, &rec = out.rec, &idem = out.idem, &tight = out.tight, &tight_raw = out.tight_raw;
   const int64_t n = s.n;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t chunk_len = std::min(n, kChunk);
@@ -193,9 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ign_loss_
   check_ign_loss_backward_inputs(s, x, grad_total, grad_rec, grad_idem, grad_tight, rec, tight_unclamped);
   TORCH_CHECK(x.device().is_cpu(), "ign_fast: ign_loss_backward CPU kernel got x on ", x.device());
   const at::ScalarType acc_type = accumulate_dtype(x.scalar_type());
-  const at::Tensor xc = x.contiguous(), fxc = fx.contiguous(), fzc = fz.contiguous();
-  const at::Tensor f_fzc = f_fz.contiguous();
-  const at::Tensor ff_zc = s.aliased ? f_fzc : ff_z.contiguous();
+  const ContiguousInputs in = contiguous_inputs(x, fx, fz, f_fz, ff_z, s);
+  const at::Tensor &xc = in.x, &fxc = in.fx, &fzc = in.fz, &f_fzc = in.f_fz, &ff_zc = in.ff_z;
   // upstream gradients may be expanded zeros (stride 0) or another float dtype
   const at::Tensor g_rec = row_gradient(grad_rec, acc_type);
   const at::Tensor g_idem = row_gradient(grad_idem, acc_type);

@@ -73,9 +73,7 @@ std::tuple<at::Tensor, at::Tensor> per_sample_distance_backward_cpu(const at::Te
                                                                     c10::string_view kind_name) {
   const DistanceKind kind = parse_distance_kind(std::string(kind_name));
   check_pair(a, b, "a", "b");
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == a.size(0), "ign_fast: grad must have shape [", a.size(0),
-              "], got ", grad.sizes());
-  TORCH_CHECK(grad.device() == a.device(), "ign_fast: grad must be on ", a.device(), ", got ", grad.device());
+  check_per_sample_grad(grad, a);
   const at::Tensor ac = a.contiguous();
   const at::Tensor bc = b.contiguous();
   const at::Tensor gc = grad.to(accumulate_dtype(a.scalar_type())).contiguous();

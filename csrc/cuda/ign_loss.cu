@@ -335,19 +335,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ign_loss_
       check_ign_loss_inputs(x, fx, fz, f_fz, ff_z, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio);
   TORCH_CHECK(x.is_cuda(), "ign_fast: ign_loss CUDA kernel got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), fxc = fx.contiguous(), fzc = fz.contiguous();
-  const at::Tensor f_fzc = f_fz.contiguous();
-  const at::Tensor ff_zc = s.aliased ? f_fzc : ff_z.contiguous();
-  const auto row_options = x.options().dtype(accumulate_dtype(x.scalar_type()));
-  at::Tensor total = at::empty({}, row_options);
-  at::Tensor rec = at::empty({s.batch_x}, row_options);
-  at::Tensor idem = at::empty({s.batch_z}, row_options);
-  at::Tensor tight = at::empty({s.batch_z}, row_options);
-  at::Tensor tight_raw = at::empty({s.batch_z}, row_options);
+  const ContiguousInputs in = contiguous_inputs(x, fx, fz, f_fz, ff_z, s);
+  const at::Tensor &xc = in.x, &fxc = in.fx, &fzc = in.fz, &f_fzc = in.f_fz, &ff_zc = in.ff_z;
+  ForwardOutputs out = empty_forward_outputs(x, s);
+  at::Tensor &total = out.total, &rec = out.rec, &idem = out.idem, &tight = out.tight, &tight_raw = out.tight_raw;
   const int64_t chunks = (s.n + kChunk - 1) / kChunk;
   const int64_t blocks = s.rows * chunks;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "ign_fast: ign_loss input too large: ", x.sizes());
-  at::Tensor partials = at::empty({3, s.rows, chunks}, row_options);
+  at::Tensor partials = at::empty({3, s.rows, chunks}, rec.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ign_loss_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -395,9 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ign_loss_
   TORCH_CHECK(x.is_cuda(), "ign_fast: ign_loss_backward CUDA kernel got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType acc_type = accumulate_dtype(x.scalar_type());
-  const at::Tensor xc = x.contiguous(), fxc = fx.contiguous(), fzc = fz.contiguous();
-  const at::Tensor f_fzc = f_fz.contiguous();
-  const at::Tensor ff_zc = s.aliased ? f_fzc : ff_z.contiguous();
+  const ContiguousInputs in = contiguous_inputs(x, fx, fz, f_fz, ff_z, s);
+  const at::Tensor &xc = in.x, &fxc = in.fx, &fzc = in.fz, &f_fzc = in.f_fz, &ff_zc = in.ff_z;
   const at::Tensor g_total = grad_total.to(acc_type).contiguous();  // read on the device: no sync
   const at::Tensor g_rec = row_gradient(grad_rec, acc_type);
   const at::Tensor g_idem = row_gradient(grad_idem, acc_type);
@@ -462,16 +456,11 @@ IgnLossWithGrad ign_loss_with_grad_cuda(const at::Tensor& x, const at::Tensor& f
                                        lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio, compute_grad_x);
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), fxc = fx.contiguous(), fzc = fz.contiguous();
-  const at::Tensor f_fzc = f_fz.contiguous();
-  const at::Tensor ff_zc = s.aliased ? f_fzc : ff_z.contiguous();
-  const auto row_options = x.options().dtype(accumulate_dtype(x.scalar_type()));
-  at::Tensor total = at::empty({}, row_options);
-  at::Tensor rec = at::empty({s.batch_x}, row_options);
-  at::Tensor idem = at::empty({s.batch_z}, row_options);
-  at::Tensor tight = at::empty({s.batch_z}, row_options);
-  at::Tensor tight_raw = at::empty({s.batch_z}, row_options);
-  at::Tensor partials = at::empty({3, s.rows, 1}, row_options);
+  const ContiguousInputs in = contiguous_inputs(x, fx, fz, f_fz, ff_z, s);
+  const at::Tensor &xc = in.x, &fxc = in.fx, &fzc = in.fz, &f_fzc = in.f_fz, &ff_zc = in.ff_z;
+  ForwardOutputs out = empty_forward_outputs(x, s);
+  at::Tensor &total = out.total, &rec = out.rec, &idem = out.idem, &tight = out.tight, &tight_raw = out.tight_raw;
+  at::Tensor partials = at::empty({3, s.rows, 1}, rec.options());
   at::Tensor grad_x = compute_grad_x ? at::empty_like(xc, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   at::Tensor grad_fx = at::empty_like(xc, at::MemoryFormat::Contiguous);
   at::Tensor grad_fz = at::empty_like(fzc, at::MemoryFormat::Contiguous);
