@@ -2,7 +2,8 @@
 objective (candidates through autograd-free model calls, torch.cdist + argmin, separate f(x) and f(z*)).
 The k·B candidate forwards are most of the cost; ours runs them without autograd or buffer updates,
 searches with the fused nearest_neighbors op, and batches f(x) with f(z*). Correctness is asserted first:
-from the same weights and noise pool both compute the same loss.
+from the same weights and noise pool both compute the same loss. Providers are timed round-robin; on a GPU
+also ours under bf16 autocast and captured as a CUDA graph (mode="graph").
 
   python benchmarks/bench_naign_step.py --quick     # CPU
 """
@@ -13,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import device_name, fmt_bytes, median_time, peak_memory  # noqa: E402
+from common import device_name, fmt_bytes, interleaved_median_times, peak_memory  # noqa: E402
 
 import ign_fast  # noqa: E402
 from ign_fast.models import DCGAN28  # noqa: E402
@@ -50,30 +51,37 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     device = args.device
+    on_gpu = torch.device(device).type == "cuda"
     batches = [64] if args.quick else [64, 256]
     k = 8
     print(f"device: {device_name(device)}; torch {torch.__version__}; DCGAN 28 width 32 latent 64 group norm, k={k}")
-    print(f"{'batch':>5} {'provider':<18} {'ms/step':>9} {'steps/s':>8} {'x plain':>8} {'peak mem':>9}")
+    print(f"{'batch':>5} {'provider':<20} {'ms/step':>9} {'steps/s':>8} {'x plain':>8} {'peak mem':>9}")
     for batch in batches:
         torch.manual_seed(0)
         base = DCGAN28(latent_dim=64, width=32, norm="group").to(device)
         x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
         pool = torch.randn(k * batch, 1, 28, 28, device=device)
-        plain_model, ours_model = copy.deepcopy(base), copy.deepcopy(base)
+        plain_model = copy.deepcopy(base)
         plain = PlainNAIGNStep(plain_model, torch.optim.Adam(plain_model.parameters(), 5e-4), k)
-        ours = ign_fast.NAIGNStep(ours_model, torch.optim.Adam(ours_model.parameters(), 5e-4),
-                                  loss=ign_fast.NAIGNLoss(candidates_per_sample=k))
-        expected = plain.loss(x, pool).item()
-        got = ours.forward_loss(x, pool)[0].item()
-        assert abs(expected - got) <= 1e-4 * abs(expected), (expected, got)
-        baseline = None
-        for label, fn in (("plain", lambda: plain(x, pool)), ("ign_fast", lambda: ours(x, pool))):
-            seconds = median_time(fn, device, warmup=2, repeats=args.repeats)
-            mem = peak_memory(fn, device)
-            baseline = baseline or seconds
-            print(f"{batch:>5} {label:<18} {seconds * 1e3:>9.1f} {1 / seconds:>8.2f} {baseline / seconds:>8.2f} "
-                  f"{fmt_bytes(mem):>9}")
 
+        def ours(mode="fused", amp=None):
+            model = copy.deepcopy(base)
+            return ign_fast.NAIGNStep(model, torch.optim.Adam(model.parameters(), 5e-4), mode=mode, amp_dtype=amp,
+                                      loss=ign_fast.NAIGNLoss(candidates_per_sample=k), check_inputs=False)
+
+        expected = plain.loss(x, pool).item()
+        got = ours().forward_loss(x, pool)[0].item()
+        assert abs(expected - got) <= 1e-4 * abs(expected), (expected, got)
+        steps = {"plain": plain, "ign_fast": ours()}
+        if on_gpu:
+            steps["ign_fast bf16"] = ours(amp=torch.bfloat16)
+            steps["ign_fast graph bf16"] = ours("graph", torch.bfloat16)
+        calls = {label: (lambda s: lambda: s(x, pool))(step) for label, step in steps.items()}
+        memory = {label: peak_memory(fn, device) for label, fn in calls.items()}  # graph: warm-up steps on CUDA
+        seconds = interleaved_median_times(calls, device, warmup=5, repeats=args.repeats)
+        for label in calls:
+            print(f"{batch:>5} {label:<20} {seconds[label] * 1e3:>9.1f} {1 / seconds[label]:>8.2f} "
+                  f"{seconds['plain'] / seconds[label]:>8.2f} {fmt_bytes(memory[label]):>9}")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """Steps per second of one IGN update in each mode, with the step's FLOPs and peak memory.
 
-Modes: reference eager fp32 (the four-call step), reference under torch.compile with bf16 autocast (what
+Modes are timed round-robin (one step of each per round, medians over rounds), so load changes on a
+shared machine reach every mode alike. Modes: reference eager fp32 (the four-call step), reference under torch.compile with bf16 autocast (what
 the best public replication runs), fused fp32, fused + bf16, graph + bf16 (GPU only). Correctness is
 asserted first: from the same weights, one fused step must land where the reference step does.
 
@@ -14,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import device_name, fmt_bytes, matmul_rate, median_time, peak_memory  # noqa: E402
+from common import device_name, fmt_bytes, interleaved_median_times, matmul_rate, peak_memory  # noqa: E402
 
 import ign_fast  # noqa: E402
 from ign_fast.models import DCGAN28, DCGAN64  # noqa: E402
@@ -106,20 +107,31 @@ def main():
     for name, make_model, shape, batch in configs:
         error = check_fused_matches_reference(make_model, shape, device)
         flops = step_flops(forward_flops_per_sample(make_model().to(device), shape), batch)
-        baseline = None
-        for label, mode, amp, compiled in modes:
+        x = torch.rand(batch, *shape, device=device) * 2 - 1
+        z = torch.randn(batch, *shape, device=device)
+
+        def build(mode, amp, compiled):
             torch.manual_seed(0)
-            model = make_model().to(device)
-            step = make_step(model, mode, amp, compiled)
-            x = torch.rand(batch, *shape, device=device) * 2 - 1
-            z = torch.randn(batch, *shape, device=device)
-            seconds = median_time(lambda: step(x, z), device, warmup=5 if mode == "graph" else 2,
-                                  repeats=args.repeats)
-            mem = peak_memory(lambda: step(x, z), device)
-            baseline = baseline or seconds
-            rate = flops / seconds
-            print(f"{name:<12} {batch:>5} {label:<24} {seconds * 1e3:>9.1f} {1 / seconds:>8.2f} "
-                  f"{baseline / seconds:>6.2f} {rate / 1e9:>8.1f} {100 * rate / peak:>6.1f}% {fmt_bytes(mem):>9}")
+            return make_step(make_model().to(device), mode, amp, compiled)
+
+        memory = {}
+        if on_gpu:  # peak memory one mode at a time, every other mode's weights, state and graphs freed
+            for label, mode, amp, compiled in modes:
+                step = build(mode, amp, compiled)
+                for _ in range(5):  # graph: past the eager warm-up, into replays
+                    step(x, z)
+                memory[label] = peak_memory(lambda: step(x, z), device)
+                del step
+                torch.cuda.empty_cache()
+        calls = {label: (lambda s: lambda: s(x, z))(build(mode, amp, compiled))
+                 for label, mode, amp, compiled in modes}
+        seconds = interleaved_median_times(calls, device, warmup=5, repeats=args.repeats)
+        baseline = seconds[modes[0][0]]
+        for label, *_ in modes:
+            rate = flops / seconds[label]
+            print(f"{name:<12} {batch:>5} {label:<24} {seconds[label] * 1e3:>9.1f} {1 / seconds[label]:>8.2f} "
+                  f"{baseline / seconds[label]:>6.2f} {rate / 1e9:>8.1f} {100 * rate / peak:>6.1f}% "
+                  f"{fmt_bytes(memory.get(label)):>9}")
         print(f"{'':<12} {'':>5} step FLOPs {flops / 1e9:.1f} G; fused vs reference gradients: "
               f"{error:.1e} relative")
 

@@ -27,6 +27,24 @@ def median_time(fn, device, warmup=2, repeats=10, min_seconds=0.0):
     return statistics.median(times)
 
 
+def interleaved_median_times(fns, device, warmup=2, repeats=10):
+    """{name: median seconds per call} for several callables timed round-robin: one call of each per round,
+    so a change in machine load during the run (a shared CPU, GPU clocks) reaches all of them alike and
+    their ratios stay fair. Each gets its warm-up first."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def peak_memory(fn, device):
     """Peak bytes allocated by fn() on CUDA; None on CPU (no allocator statistics there)."""
     if torch.device(device).type != "cuda":

@@ -18,7 +18,8 @@ import torch
 from torch.func import functional_call
 
 from . import ops
-from .step import check_model_matches, check_output, check_step_inputs, frozen_state, has_batch_coupling
+from .step import (NonFiniteUpdateError, check_model_matches, check_output, check_step_inputs, frozen_state,
+                   has_batch_coupling)
 from .validation import check_distance_kind, check_finite, check_nonnegative_float, check_positive_int
 
 
@@ -60,16 +61,24 @@ def generate_candidates(model, z, chunk_size=1024):
     return torch.cat(outs)
 
 
+NAIGN_STEP_MODES = ("fused", "graph")
+
+
 class NAIGNStep:
     """One NAIGN update. step(x, z_pool) where z_pool holds k·B noise samples (a fresh pool each call, or
-    None to let the step keep and refresh its own pool via `sample_noise`).
+    None to let the step keep and refresh its own pool via `sample_noise`); returns a dict of floats: loss,
+    rec, imle, idem, nn_distance.
 
-    check_inputs: reject NaN/inf in x and z_pool (a host sync per step; the trainer checks its data once at
-    load). skip_nonfinite and grad_sync: as in IGNStep (a non-finite loss leaves the weights untouched;
-    grad_sync averages gradients across ranks between backward and the update)."""
+    mode: "fused" (candidates without autograd, the search by ops.nearest_neighbors, f(x) and f(z*) in one
+    call) or "graph" (the same update captured whole as a CUDA graph, see graph_step.py; the pool is drawn
+    outside the graph and copied into it; "fused" on CPU). check_inputs: reject NaN/inf in x and z_pool (a
+    host sync per step; the trainer checks its data once at load). skip_nonfinite and grad_sync: as in IGNStep
+    (a non-finite loss leaves the weights untouched, except in mode="graph", which raises
+    NonFiniteUpdateError after the fact; grad_sync averages gradients across ranks between backward and the
+    update)."""
 
     def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=1024, amp_dtype=None,
-                 check_inputs=True, skip_nonfinite=True):
+                 check_inputs=True, skip_nonfinite=True, mode="fused"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -85,7 +94,9 @@ class NAIGNStep:
         for name, flag in (("check_inputs", check_inputs), ("skip_nonfinite", skip_nonfinite)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        self.model, self.optimizer, self.loss = model, optimizer, loss
+        if mode not in NAIGN_STEP_MODES:
+            raise ValueError(f"mode must be one of {NAIGN_STEP_MODES}, got {mode!r}")
+        self.model, self.optimizer, self.loss, self.mode = model, optimizer, loss, mode
         self.sample_noise = sample_noise
         self.candidate_chunk = candidate_chunk
         self.amp_dtype = amp_dtype
@@ -94,6 +105,11 @@ class NAIGNStep:
         self.grad_sync = None
         self.calls = 0
         self.pool = None
+        self.graph_runner = None
+        if mode == "graph":
+            from .graph_step import graph_runner_or_none
+
+            self.graph_runner = graph_runner_or_none(model, optimizer, self.run_update)
 
     def _pool_for(self, x, z_pool):
         need = self.loss.candidates_per_sample * x.shape[0]
@@ -112,43 +128,74 @@ class NAIGNStep:
         return self.pool
 
     def forward_loss(self, x, z_pool=None):
-        z_pool = self._pool_for(x, z_pool)
+        """(total, rec, imle, idem, nn_distance) for one batch, with the graph attached. z_pool None: the
+        step's own pool (see _pool_for)."""
+        return self._loss_terms(x, self._pool_for(x, z_pool))
+
+    def _loss_terms(self, x, z_pool, sync_free=False):
+        # autocast's weight-cast cache would keep tensors from outside a CUDA graph capture: off when capturing
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
+                            cache_enabled=not sync_free):
+            return self._forward(x, z_pool)
+
+    def _forward(self, x, z_pool):
         candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, z_pool,
                                                                               self.candidate_chunk), z_pool)
         index, nn_distance = ops.nearest_neighbors(x, candidates, self.loss.distance)
-        z_nn = z_pool[index]
+        z_nn = z_pool.index_select(0, index)
         model = self.model
         if has_batch_coupling(model):
             fx = check_output("f(x)", model(x), x)
-            f_znn = model(z_nn)
+            f_znn = check_output("f(z*)", model(z_nn), z_nn)
         else:  # one batched call: the same values, half the launches
             out = check_output("f(x, z)", model(torch.cat([x, z_nn])), torch.cat([x, z_nn]))
             fx, f_znn = out[: x.shape[0]], out[x.shape[0]:]
         f_f_znn = None
         if self.loss.lambda_idem > 0:
-            f_f_znn = functional_call(model, frozen_state(model), (f_znn,))
+            f_f_znn = check_output("f(f(z*))", functional_call(model, frozen_state(model), (f_znn,)), f_znn)
         total, rec, imle, idem = self.loss(x, fx, f_znn, f_f_znn)
         return total, rec, imle, idem, nn_distance
+
+    def compute_gradients(self, x, z_pool, sync_free=False):
+        """Forward and backward on a checked pool (gradients accumulate into .grad); the five terms as 0-dim
+        tensors. With sync_free it never reads a device value on the host (what a CUDA graph capture needs)."""
+        total, rec, imle, idem, nn_distance = self._loss_terms(x, z_pool, sync_free)
+        total.backward()
+        terms = [total.detach(), rec.detach().mean(), imle.detach().mean(), idem.detach().mean(),
+                 nn_distance.detach().float().mean()]
+        if self.grad_sync is not None:
+            terms = self.grad_sync(terms)
+        return dict(zip(("loss", "rec", "imle", "idem", "nn_distance"), terms))
+
+    def run_update(self, x, z_pool, sync_free=False, skip_nonfinite=False):
+        """One update on an explicit pool; the terms as 0-dim tensors. With sync_free the gradients are not
+        reset (a captured graph overwrites them on every replay) and nothing is read on the host."""
+        if not sync_free:
+            self.optimizer.zero_grad(set_to_none=True)
+        out = self.compute_gradients(x, z_pool, sync_free)
+        if skip_nonfinite and not sync_free:
+            # the caller reads this float anyway; reading it before the update costs no extra sync
+            self.last_skipped = not math.isfinite(float(out["loss"]))
+            if self.last_skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+                return out
+        self.optimizer.step()
+        return out
 
     def __call__(self, x, z_pool=None):
         check_step_inputs(x, x, check_values=False)
         check_model_matches(self.model, x)  # before reading values: a tensor on another device may not be readable
         if self.check_inputs:
             check_finite("x", x)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
-            total, rec, imle, idem, nn_distance = self.forward_loss(x, z_pool)
-        total.backward()
-        terms = [total.detach(), rec.detach().mean(), imle.detach().mean(), idem.detach().mean(),
-                 nn_distance.detach().float().mean()]
-        if self.grad_sync is not None:
-            terms = self.grad_sync(terms)
-        values = dict(zip(("loss", "rec", "imle", "idem", "nn_distance"), (float(t) for t in terms)))
-        # the floats are read before the update (not after), so skipping costs no extra host sync
-        self.last_skipped = self.skip_nonfinite and not math.isfinite(values["loss"])
-        if self.last_skipped:
-            self.optimizer.zero_grad(set_to_none=True)
+        z_pool = self._pool_for(x, z_pool)
+        self.last_skipped = False
+        if self.graph_runner is not None:
+            out = self.graph_runner(x, z_pool)
         else:
-            self.optimizer.step()
+            out = self.run_update(x, z_pool, skip_nonfinite=self.skip_nonfinite)
+        values = {k: float(v) for k, v in out.items()}
         self.calls += 1
+        if self.graph_runner is not None and self.skip_nonfinite and not math.isfinite(values["loss"]):
+            raise NonFiniteUpdateError("loss is not finite and mode='graph' has already applied the update; "
+                                       "use mode='fused' to skip such steps")
         return values

@@ -78,10 +78,13 @@ def check_model_matches(model, x):
 
 
 def check_output(name, out, inp):
+    """The model's output, checked for the input's shape and brought to the input's dtype: under autocast a
+    model returns bfloat16 or float16, and the loss is taken in the data's precision (as autocast does for
+    torch's own losses); the cast is a no-op without autocast."""
     if not isinstance(out, torch.Tensor) or out.shape != inp.shape:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model output must have its input's shape {tuple(inp.shape)}, got {shape} for {name}")
-    return out
+    return out.to(inp.dtype)
 
 
 class IGNStep:
@@ -120,7 +123,7 @@ class IGNStep:
         if mode == "graph":
             from .graph_step import graph_runner_or_none
 
-            self.graph_runner = graph_runner_or_none(self)
+            self.graph_runner = graph_runner_or_none(model, optimizer, self.run_update)
 
     def forward_loss(self, x, z, sync_free=False):
         """The objective's terms for one batch, with the graph attached: (total, rec, idem, tight)."""
@@ -144,28 +147,33 @@ class IGNStep:
             out = check_output("f(x, z)", model(both), both)
             fx, fz = out[: x.shape[0]], out[x.shape[0]:]
         f_fz, ff_z, self.last_plan = shared_second_application(model, fz, self.loss, coupled, sync_free)
-        return self.loss(x, fx, fz, f_fz, ff_z)
+        return self.loss(x, fx, fz, f_fz.to(x.dtype), ff_z.to(x.dtype))
 
     def _reference_forward(self, x, z):
         model = self.model
         fx = check_output("f(x)", model(x), x)
         fz = check_output("f(z)", model(z), z)
-        ff_z = model(fz.detach())                            # f_θ(sg f_θ(z)): tight role, gradient into θ
-        f_fz = functional_call(model, frozen_state(model), (fz,))  # f_θ'(f_θ(z)): idem role, into fz only
+        ff_z = check_output("f(f(z))", model(fz.detach()), fz)  # f_θ(sg f_θ(z)): tight role, gradient into θ
+        f_fz = check_output("f(f(z))", functional_call(model, frozen_state(model), (fz,)), fz)  # f_θ'(f_θ(z)): idem
         return self.loss(x, fx, fz, f_fz, ff_z)
 
-    def run_fused_update(self, x, z, sync_free=False, skip_nonfinite=False):
-        """One update; returns the four terms as 0-dim tensors. Without skip_nonfinite it does not
-        synchronise with the host. With sync_free the gradients are not reset (a captured graph overwrites
-        them on every replay)."""
-        if not sync_free:
-            self.optimizer.zero_grad(set_to_none=True)
+    def compute_gradients(self, x, z, sync_free=False):
+        """Forward and backward of the fused step (gradients accumulate into .grad); the four terms as 0-dim
+        tensors. With sync_free it never reads a device value on the host (what a CUDA graph capture needs)."""
         total, rec, idem, tight = self.forward_loss(x, z, sync_free)
         total.backward()
         terms = [total.detach(), rec.detach().mean(), idem.detach().mean(), tight.detach().mean()]
         if self.grad_sync is not None:
             terms = self.grad_sync(terms)
-        out = dict(zip(("loss", "rec", "idem", "tight"), terms))
+        return dict(zip(("loss", "rec", "idem", "tight"), terms))
+
+    def run_update(self, x, z, sync_free=False, skip_nonfinite=False):
+        """One update; returns the four terms as 0-dim tensors. Without skip_nonfinite it does not
+        synchronise with the host. With sync_free the gradients are not reset (a captured graph overwrites
+        them on every replay)."""
+        if not sync_free:
+            self.optimizer.zero_grad(set_to_none=True)
+        out = self.compute_gradients(x, z, sync_free)
         if skip_nonfinite and not sync_free:
             # the caller reads this float anyway; reading it before the update costs no extra sync
             self.last_skipped = not math.isfinite(float(out["loss"]))
@@ -185,7 +193,7 @@ class IGNStep:
         if self.graph_runner is not None:
             out = self.graph_runner(x, z)
         else:
-            out = self.run_fused_update(x, z, skip_nonfinite=self.skip_nonfinite)
+            out = self.run_update(x, z, skip_nonfinite=self.skip_nonfinite)
         values = {k: float(v) for k, v in out.items()}
         if self.graph_runner is not None and self.skip_nonfinite and not math.isfinite(values["loss"]):
             raise NonFiniteUpdateError("loss is not finite and mode='graph' has already applied the update; "

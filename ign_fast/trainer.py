@@ -155,17 +155,18 @@ def build_model_for(config, sample_shape):
 def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
     # check_inputs=False: the trainer checks its data for NaN/inf once when it loads it, and its noise comes
     # from the prior; a per-step check would cost a host sync every step
+    mode = config.step_mode
+    if mode == "auto":  # the whole update as a CUDA graph on GPU; on CPU the fused step
+        mode = "graph" if device.type == "cuda" else "fused"
     if config.objective == "ign":
         loss = IGNLoss(config.distance, config.lambda_rec, config.lambda_idem, config.lambda_tight,
                        config.tight_clamp_ratio)
-        mode = config.step_mode
-        if mode == "auto":  # the whole update as a CUDA graph on GPU; on CPU the fused step
-            mode = "graph" if device.type == "cuda" else "fused"
         return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype, check_inputs=False)
     loss = NAIGNLoss(config.distance, config.lambda_rec, config.lambda_imle, config.lambda_idem,
                      config.candidates, config.refresh_every)
+    # NAIGN has no four-call reference step to choose: "reference" runs its one eager implementation
     return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype,
-                     check_inputs=False)
+                     check_inputs=False, mode="graph" if mode == "graph" else "fused")
 
 
 class NonFiniteTrainingError(RuntimeError):

@@ -150,3 +150,29 @@ def test_cuda_fused_and_graph_match_reference(name, ratio):
     assert step.graph_runner is not None and step.graph_runner.graphs  # steps 4-6 replayed a captured graph
     assert_same_state(ref_model, ref_opt, fused_model, fused_opt, 1e-4)
     assert_same_state(fused_model, fused_opt, graph_model, graph_opt, 1e-6)
+
+
+@pytest.mark.parametrize("name", ["dcgan28-group", "dcgan28-batch", "mlp"])
+@pytest.mark.parametrize("ratio", [1.5, None])
+def test_fused_under_bf16_autocast_is_as_accurate_as_the_reference(name, ratio):
+    # bf16 autocast (the GPU default): the model computes in bf16, the loss in the data's float32. The fused
+    # step's gradients may differ from float32 by at most twice what the reference step's bf16 gradients do.
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    base = make()
+    x, z = batches_for(shape, torch.float32, n=1, batch=8)[0]
+    grads = {}
+    for label, mode, amp in (("fp32", "reference", None), ("ref16", "reference", torch.bfloat16),
+                             ("fused16", "fused", torch.bfloat16)):
+        model = copy.deepcopy(base)
+        step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()), ign_fast.IGNLoss("l1", tight_clamp_ratio=ratio),
+                                mode=mode, amp_dtype=amp)
+        total = step.forward_loss(x, z)[0]
+        assert total.dtype == torch.float32
+        total.backward()
+        grads[label] = flat(p.grad for p in model.parameters())
+    scale = grads["fp32"].abs().max()
+    ref_error = (grads["ref16"] - grads["fp32"]).abs().max() / scale
+    fused_error = (grads["fused16"] - grads["fp32"]).abs().max() / scale
+    assert ref_error > 0  # autocast took effect
+    assert fused_error <= 2 * ref_error, f"fused bf16 error {fused_error:.3g} vs reference bf16 {ref_error:.3g}"

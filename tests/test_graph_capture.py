@@ -1,0 +1,157 @@
+"""CUDA-graph capture safety, checked where no GPU is: HostSyncGuard raises on every op that would make a
+CUDA device wait for the host, and the updates that mode="graph" captures (IGN and NAIGN, sync_free=True)
+run whole under it. On a GPU: NAIGN graph against fused after K steps (IGN's is in test_fused_step.py)."""
+import copy
+
+import pytest
+import torch
+
+import ign_fast
+from ign_fast.graph_step import HostSyncError, HostSyncGuard
+from ign_fast.models import DCGAN28, MLP
+
+from conftest import SkipMLP, requires_cuda
+from test_fused_step import MODELS, assert_same_state, batches_for
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("item", lambda t: t.sum().item()),
+    ("float", lambda t: float(t.sum())),
+    ("bool", lambda t: bool((t > 0).any())),
+    ("nonzero", lambda t: t.nonzero()),
+    ("boolean mask", lambda t: t[t > 0]),
+    ("masked_select", lambda t: t.masked_select(t > 0)),
+    ("tensor from python data", lambda t: t + torch.tensor([1.0, 2.0, 3.0])),
+    ("unique", lambda t: t.unique()),
+])
+def test_guard_catches_host_syncs(name, fn):
+    t = torch.randn(3)
+    fn(t)  # fine outside the guard
+    with pytest.raises(HostSyncError, match="synchronises with the host"), HostSyncGuard():
+        fn(t)
+
+
+def test_guard_lets_device_side_code_through():
+    t = torch.randn(4, 3, requires_grad=True)
+    with HostSyncGuard():
+        index = t.detach().abs().sum(1).argmin().reshape(1)
+        y = torch.where(t > 0, t, 0.1 * t).index_select(0, index).sum() + t[torch.arange(2)].mean()
+        y.backward()
+        torch.nn.functional.mse_loss(t, torch.zeros_like(t)).backward()
+    assert t.grad is not None
+
+
+def test_guard_sees_inside_a_custom_backward():
+    # the fused IGN step's eager per-sample-ratio path reads a bool in its backward: the guard must see it
+    torch.manual_seed(0)
+    model = MLP(6, hidden=16, depth=2)
+    step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()), ign_fast.IGNLoss("l1", tight_clamp_ratio=1.5),
+                            mode="fused")
+    x, z = torch.rand(4, 6) * 2 - 1, torch.randn(4, 6)
+    with pytest.raises(HostSyncError), HostSyncGuard():
+        step.compute_gradients(x, z)
+    assert step.last_plan.vjp_count == 0  # it stopped inside the backward, before any VJP
+
+
+IGN_CASES = [(name, d, r) for name in ("dcgan28-group", "dcgan28-batch", "dcgan28-none", "mlp", "skip")
+             for d, r in (("l1", 1.5), ("l2", None))] + [("dcgan64-group", "l1", 1.5)]
+
+
+@pytest.mark.parametrize("name, distance, ratio", IGN_CASES)
+def test_ign_captured_update_has_no_host_sync(name, distance, ratio):
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()), ign_fast.IGNLoss(distance, tight_clamp_ratio=ratio),
+                            mode="fused", check_inputs=False)
+    x, z = batches_for(shape, torch.float32, n=1, batch=3)[0]
+    with HostSyncGuard():
+        out = step.compute_gradients(x, z, sync_free=True)
+    assert all(p.grad is not None for p in model.parameters())
+    assert torch.isfinite(out["loss"])
+
+
+def test_ign_captured_update_under_bf16_autocast_has_no_host_sync():
+    torch.manual_seed(0)
+    model = DCGAN28(latent_dim=8, width=8, norm="group")
+    step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()), mode="fused", amp_dtype=torch.bfloat16,
+                            check_inputs=False)
+    x, z = batches_for((1, 28, 28), torch.float32, n=1, batch=3)[0]
+    with HostSyncGuard():
+        step.compute_gradients(x, z, sync_free=True)
+
+
+def naign_step(model, mode="fused", distance="l1", lambda_idem=0.0, k=3, amp_dtype=None):
+    loss = ign_fast.NAIGNLoss(distance, lambda_idem=lambda_idem, candidates_per_sample=k)
+    return ign_fast.NAIGNStep(model, torch.optim.Adam(model.parameters(), lr=1e-3), loss=loss, mode=mode,
+                              amp_dtype=amp_dtype, check_inputs=False)
+
+
+@pytest.mark.parametrize("name", ["dcgan28-group", "dcgan28-batch", "mlp", "skip"])
+@pytest.mark.parametrize("distance, lambda_idem", [("l1", 0.0), ("l2", 1.0)])
+def test_naign_captured_update_has_no_host_sync(name, distance, lambda_idem):
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    step = naign_step(model, distance=distance, lambda_idem=lambda_idem)
+    x = batches_for(shape, torch.float32, n=1, batch=4)[0][0]
+    pool = torch.randn(12, *shape)
+    with HostSyncGuard():
+        out = step.compute_gradients(x, pool, sync_free=True)
+    assert all(p.grad is not None for p in model.parameters())
+    assert set(out) == {"loss", "rec", "imle", "idem", "nn_distance"}
+
+
+def test_naign_captured_update_under_bf16_autocast_has_no_host_sync():
+    torch.manual_seed(0)
+    model = DCGAN28(latent_dim=8, width=8, norm="group")
+    step = naign_step(model, amp_dtype=torch.bfloat16)
+    with HostSyncGuard():
+        step.compute_gradients(torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(12, 1, 28, 28), sync_free=True)
+
+
+def run_naign(model, mode, batches, k=3):
+    step = naign_step(model, mode=mode, k=k)
+    g = torch.Generator(device=batches[0].device).manual_seed(5)
+    pools = [torch.randn(k * x.shape[0], *x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for x in batches]
+    losses = [step(x, pool)["loss"] for x, pool in zip(batches, pools)]
+    return step, losses
+
+
+def test_naign_graph_mode_on_cpu_falls_back_to_fused_with_a_warning():
+    import ign_fast.graph_step as graph_step
+
+    graph_step._warned_cpu = False
+    torch.manual_seed(0)
+    model = SkipMLP(6).double()
+    fused_model = copy.deepcopy(model)
+    batches = [x for x, _ in batches_for((6,), torch.float64, n=3)]
+    with pytest.warns(RuntimeWarning, match="mode='graph' needs CUDA"):
+        graph_step_, graph_losses = run_naign(model, "graph", batches)
+    fused_step_, fused_losses = run_naign(fused_model, "fused", batches)
+    assert graph_step_.graph_runner is None
+    assert graph_losses == fused_losses
+    assert_same_state(model, graph_step_.optimizer, fused_model, fused_step_.optimizer, 1e-15)
+
+
+def test_naign_step_rejects_an_unknown_mode():
+    model = MLP(2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ign_fast.NAIGNStep(model, torch.optim.Adam(model.parameters()), mode="reference")
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["dcgan28-group", "dcgan28-batch", "mlp"])
+def test_cuda_naign_graph_matches_fused(name):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    fused_model = make().cuda()
+    graph_model = copy.deepcopy(fused_model)
+    batches = [x.cuda() for x, _ in batches_for(shape, torch.float32, n=6, batch=4)]
+    fused_step_, fused_losses = run_naign(fused_model, "fused", batches)
+    graph_step_, graph_losses = run_naign(graph_model, "graph", batches)
+    assert graph_step_.graph_runner is not None and graph_step_.graph_runner.graphs  # steps 4-6 were replays
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(fused_losses), rtol=1e-5, atol=1e-7)
+    assert_same_state(fused_model, fused_step_.optimizer, graph_model, graph_step_.optimizer, 1e-6)
