@@ -31,6 +31,19 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, objective):
     assert [s for s, _ in read_losses(split)] == list(range(1, 7))
 
 
+@pytest.mark.parametrize("objective", ["ign", "naign"])
+def test_bf16_autocast_training_runs(tmp_path, objective):
+    # the GPU default (amp bf16) exercised on the CPU: bf16 model outputs, float32 data and loss
+    run = str(tmp_path / "run")
+    trainer = Trainer(TrainConfig(objective=objective, amp="bf16", candidates=2, latent_dim=8, width=8, batch_size=16,
+                                  steps=8, out=run, progress=False, log_every=1, checkpoint_every=100,
+                                  sample_every=100))
+    assert trainer.step_fn.amp_dtype == torch.bfloat16
+    trainer.fit()
+    losses = [float(loss) for _, loss in read_losses(run)]
+    assert len(losses) == 8 and all(abs(v) < 1e6 for v in losses)  # abs(nan) < 1e6 is False
+
+
 def test_sample_and_project_write_grids(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", *TINY, "--out", run, "--steps", "2", "--checkpoint-every", "2"]) == 0
