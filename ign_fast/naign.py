@@ -8,8 +8,10 @@ mode can be dropped; idempotence follows (Lemma 1 of the paper) and an explicit 
 Choices where the paper is silent, and the sweep behind the defaults: docs/NAIGN.md. In short:
 - candidates are generated without autograd and without touching BatchNorm running statistics (the same
   θ' trick as the IGN step), in chunks so memory stays bounded;
-- the pool of noise is redrawn every `refresh_every` steps (default 1); between refreshes its samples are
-  regenerated with the current θ (cheap relative to staleness), but z is kept;
+- the pool of noise z and its candidates f(z) are made every `refresh_every` = R steps (default 1), and
+  between refreshes each new data batch is searched among the candidates of the last refresh, as IMLE
+  (Li & Malik, 2018) recomputes its samples only every so often: the k·B candidate forwards, most of a
+  step's cost, are then paid once per R steps. The pulled sample f(z*) is always computed with the current θ;
 - defaults k = 8 (recall grows with k up to 8 at a moderate cost), λ = 1 (larger λ lowers FID a little but
   projects noisy digits worse: 20 dB at λ = 1, 18 dB at 4, 14.5 dB at 16), R = 1 (R made no measurable
   difference), l1.
@@ -107,6 +109,7 @@ class NAIGNStep:
         self.grad_sync = None
         self.calls = 0
         self.pool = None
+        self.candidates = None  # f(pool) as generated at the pool's last refresh
         self.graph_runner = None
         if mode == "graph":
             from .graph_step import graph_runner_or_none
@@ -114,10 +117,11 @@ class NAIGNStep:
             self.graph_runner = graph_runner_or_none(model, optimizer, self.run_update)
 
     def _pool_for(self, x, z_pool):
+        """(pool, fresh): the caller's pool (always fresh), or the step's own, redrawn every R calls."""
         need = self.loss.candidates_per_sample * x.shape[0]
         if z_pool is not None:
             check_step_inputs(x, z_pool, check_values=self.check_inputs, z_name="z_pool")
-            return z_pool
+            return z_pool, True
         if self.sample_noise is None:
             raise ValueError("z_pool must be given when the step has no sample_noise function")
         if self.pool is None or self.pool.shape[0] != need or self.calls % self.loss.refresh_every == 0:
@@ -127,22 +131,25 @@ class NAIGNStep:
                 raise ValueError(f"sample_noise({need}) must return a tensor of shape {(need, *x.shape[1:])}, "
                                  f"got {got}")
             self.pool = pool.to(device=x.device, dtype=x.dtype)
-        return self.pool
+            return self.pool, True
+        return self.pool, False
 
     def forward_loss(self, x, z_pool=None):
         """(total, rec, imle, idem, nn_distance) for one batch, with the graph attached. z_pool None: the
         step's own pool (see _pool_for)."""
-        return self._loss_terms(x, self._pool_for(x, z_pool))
+        return self._loss_terms(x, self._pool_for(x, z_pool)[0])
 
-    def _loss_terms(self, x, z_pool, sync_free=False):
+    def _loss_terms(self, x, z_pool, candidates=None, sync_free=False):
         # autocast's weight-cast cache would keep tensors from outside a CUDA graph capture: off when capturing
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
                             cache_enabled=not sync_free):
-            return self._forward(x, z_pool)
+            return self._forward(x, z_pool, candidates)
 
-    def _forward(self, x, z_pool):
-        candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, z_pool,
-                                                                              self.candidate_chunk), z_pool)
+    def _forward(self, x, z_pool, candidates=None):
+        if candidates is None:  # a fresh pool: generate; kept for the calls until the next refresh
+            candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, z_pool,
+                                                                                  self.candidate_chunk), z_pool)
+            self.candidates = candidates
         index, nn_distance = ops.nearest_neighbors(x, candidates, self.loss.distance)
         z_nn = z_pool.index_select(0, index)
         model = self.model
@@ -158,10 +165,10 @@ class NAIGNStep:
         total, rec, imle, idem = self.loss(x, fx, f_znn, f_f_znn)
         return total, rec, imle, idem, nn_distance
 
-    def compute_gradients(self, x, z_pool, sync_free=False):
+    def compute_gradients(self, x, z_pool, candidates=None, sync_free=False):
         """Forward and backward on a checked pool (gradients accumulate into .grad); the five terms as 0-dim
         tensors. With sync_free it never reads a device value on the host (what a CUDA graph capture needs)."""
-        total, rec, imle, idem, nn_distance = self._loss_terms(x, z_pool, sync_free)
+        total, rec, imle, idem, nn_distance = self._loss_terms(x, z_pool, candidates, sync_free)
         total.backward()
         terms = [total.detach(), rec.detach().mean(), imle.detach().mean(), idem.detach().mean(),
                  nn_distance.detach().float().mean()]
@@ -169,12 +176,13 @@ class NAIGNStep:
             terms = self.grad_sync(terms)
         return dict(zip(("loss", "rec", "imle", "idem", "nn_distance"), terms))
 
-    def run_update(self, x, z_pool, sync_free=False, skip_nonfinite=False):
-        """One update on an explicit pool; the terms as 0-dim tensors. With sync_free the gradients are not
-        reset (a captured graph overwrites them on every replay) and nothing is read on the host."""
+    def run_update(self, x, z_pool, candidates=None, sync_free=False, skip_nonfinite=False):
+        """One update on an explicit pool (and its candidates f(z_pool), generated here when None); the terms
+        as 0-dim tensors. With sync_free the gradients are not reset (a captured graph overwrites them on
+        every replay) and nothing is read on the host."""
         if not sync_free:
             self.optimizer.zero_grad(set_to_none=True)
-        out = self.compute_gradients(x, z_pool, sync_free)
+        out = self.compute_gradients(x, z_pool, candidates, sync_free)
         if skip_nonfinite and not sync_free:
             # the caller reads this float anyway; reading it before the update costs no extra sync
             self.last_skipped = not math.isfinite(float(out["loss"]))
@@ -189,12 +197,15 @@ class NAIGNStep:
         check_model_matches(self.model, x)  # before reading values: a tensor on another device may not be readable
         if self.check_inputs:
             check_finite("x", x)
-        z_pool = self._pool_for(x, z_pool)
+        z_pool, fresh = self._pool_for(x, z_pool)
+        inputs = (x, z_pool)
+        if not fresh and self.candidates is not None and self.candidates.shape == z_pool.shape:
+            inputs = (x, z_pool, self.candidates)  # between refreshes: search the candidates made at the last one
         self.last_skipped = False
-        if self.graph_runner is not None:
-            out = self.graph_runner(x, z_pool)
+        if self.graph_runner is not None:  # a refresh and a reuse call have different inputs: one graph each
+            out = self.graph_runner(*inputs)
         else:
-            out = self.run_update(x, z_pool, skip_nonfinite=self.skip_nonfinite)
+            out = self.run_update(*inputs, skip_nonfinite=self.skip_nonfinite)
         values = {k: float(v) for k, v in out.items()}
         self.calls += 1
         if self.graph_runner is not None and self.skip_nonfinite and not math.isfinite(values["loss"]):

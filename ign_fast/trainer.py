@@ -287,6 +287,9 @@ class Trainer:
         pool = getattr(self.step_fn, "pool", None)
         if pool is not None:
             states["naign_pool"] = pool.detach().cpu()
+        candidates = getattr(self.step_fn, "candidates", None)
+        if candidates is not None and self.config.refresh_every > 1:  # searched again until the next refresh
+            states["naign_candidates"] = candidates.detach().cpu()
         return states
 
     def _rng_states(self, per_rank):
@@ -347,6 +350,8 @@ class Trainer:
             self.step_fn.calls = meta.get("naign_calls", 0)
             if "naign_pool" + suffix in rng:
                 self.step_fn.pool = rng["naign_pool" + suffix].to(self.device)
+            if "naign_candidates" + suffix in rng:
+                self.step_fn.candidates = rng["naign_candidates" + suffix].to(self.device)
         self.step = int(meta["step"])
         return self.step
 

@@ -98,6 +98,7 @@ def test_naign_captured_update_has_no_host_sync(name, distance, lambda_idem):
     pool = torch.randn(12, *shape)
     with HostSyncGuard():
         out = step.compute_gradients(x, pool, sync_free=True)
+        step.compute_gradients(x, pool, step.candidates, sync_free=True)  # a call between pool refreshes
     assert all(p.grad is not None for p in model.parameters())
     assert set(out) == {"loss", "rec", "imle", "idem", "nn_distance"}
 
@@ -110,12 +111,16 @@ def test_naign_captured_update_under_bf16_autocast_has_no_host_sync():
         step.compute_gradients(torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(12, 1, 28, 28), sync_free=True)
 
 
-def run_naign(model, mode, batches, k=3):
+def run_naign(model, mode, batches, k=3, refresh_every=None):
+    """K steps on given pools, or (refresh_every set) on the step's own pool, redrawn every R steps."""
     step = naign_step(model, mode=mode, k=k)
     g = torch.Generator(device=batches[0].device).manual_seed(5)
-    pools = [torch.randn(k * x.shape[0], *x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for x in batches]
-    losses = [step(x, pool)["loss"] for x, pool in zip(batches, pools)]
-    return step, losses
+    draw = lambda n: torch.randn(n, *batches[0].shape[1:], generator=g, device=batches[0].device,  # noqa: E731
+                                 dtype=batches[0].dtype)
+    if refresh_every is None:
+        return step, [step(x, draw(k * x.shape[0]))["loss"] for x in batches]
+    step.loss.refresh_every, step.sample_noise = refresh_every, draw
+    return step, [step(x)["loss"] for x in batches]
 
 
 def test_naign_graph_mode_on_cpu_falls_back_to_fused_with_a_warning():
@@ -142,16 +147,18 @@ def test_naign_step_rejects_an_unknown_mode():
 
 @requires_cuda
 @pytest.mark.parametrize("name", ["dcgan28-group", "dcgan28-batch", "mlp"])
-def test_cuda_naign_graph_matches_fused(name):
+@pytest.mark.parametrize("refresh_every", [None, 2])
+def test_cuda_naign_graph_matches_fused(name, refresh_every):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     make, shape = MODELS[name]
     torch.manual_seed(0)
     fused_model = make().cuda()
     graph_model = copy.deepcopy(fused_model)
-    batches = [x.cuda() for x, _ in batches_for(shape, torch.float32, n=6, batch=4)]
-    fused_step_, fused_losses = run_naign(fused_model, "fused", batches)
-    graph_step_, graph_losses = run_naign(graph_model, "graph", batches)
+    n = 6 if refresh_every is None else 12  # R = 2: six refresh and six reuse calls, three replays of each
+    batches = [x.cuda() for x, _ in batches_for(shape, torch.float32, n=n, batch=4)]
+    fused_step_, fused_losses = run_naign(fused_model, "fused", batches, refresh_every=refresh_every)
+    graph_step_, graph_losses = run_naign(graph_model, "graph", batches, refresh_every=refresh_every)
     assert graph_step_.graph_runner is not None and graph_step_.graph_runner.graphs  # steps 4-6 were replays
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(fused_losses), rtol=1e-5, atol=1e-7)
     assert_same_state(fused_model, fused_step_.optimizer, graph_model, graph_step_.optimizer, 1e-6)

@@ -49,3 +49,31 @@ def test_tiny_naign_run_covers_more_modes_than_a_collapsed_generator(tmp_path):
     assert baseline["modes_covered"] == pytest.approx(1 / 8)
     assert ours["modes_covered"] >= 6 / 8, ours
     assert ours["modes_covered"] > baseline["modes_covered"]
+
+
+def test_candidates_are_reused_between_pool_refreshes():
+    # R = 3: calls 0 and 3 draw a pool and generate its candidates; calls 1 and 2 search the candidates made
+    # at call 0 (weights θ0), while the pulled sample f(z*) is computed with the current weights
+    torch.manual_seed(0)
+    model = MLP(2, hidden=16, depth=2).double()
+    g = torch.Generator().manual_seed(3)
+    step = ign_fast.NAIGNStep(model, torch.optim.Adam(model.parameters(), lr=1e-2),
+                              loss=ign_fast.NAIGNLoss("l2", candidates_per_sample=4, refresh_every=3),
+                              sample_noise=lambda n: torch.randn(n, 2, generator=g, dtype=torch.float64))
+    batches = [torch.randn(5, 2, dtype=torch.float64) for _ in range(4)]
+    theta0 = copy.deepcopy(model)
+    step(batches[0])
+    pool0, candidates0 = step.pool, step.candidates
+    with torch.no_grad():
+        torch.testing.assert_close(candidates0, theta0(pool0), rtol=1e-12, atol=0)
+    for x in batches[1:3]:
+        current = copy.deepcopy(model)
+        out = step(x)
+        assert step.pool is pool0 and step.candidates is candidates0  # nothing drawn, nothing generated
+        nearest = ((x[:, None, :] - candidates0[None]) ** 2).mean(-1).argmin(1)
+        with torch.no_grad():
+            naive = ((current(x) - x) ** 2).mean() + ((current(pool0[nearest]) - x) ** 2).mean()
+            assert not torch.allclose(current(pool0), candidates0)  # the weights moved: stale on purpose
+        assert out["loss"] == pytest.approx(float(naive), rel=1e-12)
+    step(batches[3])
+    assert step.pool is not pool0 and step.candidates is not candidates0
