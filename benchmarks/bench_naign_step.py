@@ -3,7 +3,8 @@ objective (candidates through autograd-free model calls, torch.cdist + argmin, s
 The k·B candidate forwards are most of the cost; ours runs them without autograd or buffer updates,
 searches with the fused nearest_neighbors op, and batches f(x) with f(z*). Correctness is asserted first:
 from the same weights and noise pool both compute the same loss. Providers are timed round-robin; on a GPU
-also ours under bf16 autocast and captured as a CUDA graph (mode="graph").
+also ours under bf16 autocast and captured as a CUDA graph (mode="graph"). "R=4" is ours with the pool and
+its candidates made every 4th step (NAIGNLoss(refresh_every=4)), per step averaged over the 4.
 
   python benchmarks/bench_naign_step.py --quick     # CPU
 """
@@ -53,7 +54,7 @@ def main():
     device = args.device
     on_gpu = torch.device(device).type == "cuda"
     batches = [64] if args.quick else [64, 256]
-    k = 8
+    k, R = 8, 4
     print(f"device: {device_name(device)}; torch {torch.__version__}; DCGAN 28 width 32 latent 64 group norm, k={k}")
     print(f"{'batch':>5} {'provider':<20} {'ms/step':>9} {'steps/s':>8} {'x plain':>8} {'peak mem':>9}")
     for batch in batches:
@@ -64,10 +65,18 @@ def main():
         plain_model = copy.deepcopy(base)
         plain = PlainNAIGNStep(plain_model, torch.optim.Adam(plain_model.parameters(), 5e-4), k)
 
-        def ours(mode="fused", amp=None):
+        def ours(mode="fused", amp=None, refresh_every=1):
             model = copy.deepcopy(base)
             return ign_fast.NAIGNStep(model, torch.optim.Adam(model.parameters(), 5e-4), mode=mode, amp_dtype=amp,
-                                      loss=ign_fast.NAIGNLoss(candidates_per_sample=k), check_inputs=False)
+                                      loss=ign_fast.NAIGNLoss(candidates_per_sample=k, refresh_every=refresh_every),
+                                      sample_noise=lambda n: torch.randn(n, 1, 28, 28, device=device),
+                                      check_inputs=False)
+
+        def steps_of(step, n):  # n steps on the step's own pool: with R = n, one refresh and n - 1 reuses
+            def run():
+                for _ in range(n):
+                    step(x)
+            return run
 
         expected = plain.loss(x, pool).item()
         got = ours().forward_loss(x, pool)[0].item()
@@ -77,11 +86,16 @@ def main():
             steps["ign_fast bf16"] = ours(amp=torch.bfloat16)
             steps["ign_fast graph bf16"] = ours("graph", torch.bfloat16)
         calls = {label: (lambda s: lambda: s(x, pool))(step) for label, step in steps.items()}
+        per_call = dict.fromkeys(calls, 1)
+        # R = 4: candidates generated at every 4th step and searched at the other 3; timed 4 steps at a time
+        calls[f"ign_fast R={R}"], per_call[f"ign_fast R={R}"] = steps_of(ours(refresh_every=R), R), R
         memory = {label: peak_memory(fn, device) for label, fn in calls.items()}  # graph: warm-up steps on CUDA
         seconds = interleaved_median_times(calls, device, warmup=5, repeats=args.repeats)
+        seconds = {label: t / per_call[label] for label, t in seconds.items()}
         for label in calls:
             print(f"{batch:>5} {label:<20} {seconds[label] * 1e3:>9.1f} {1 / seconds[label]:>8.2f} "
                   f"{seconds['plain'] / seconds[label]:>8.2f} {fmt_bytes(memory[label]):>9}")
+
 
 if __name__ == "__main__":
     main()

@@ -56,7 +56,7 @@ class TrainConfig:
     tight_clamp_ratio: float | None = 1.5
     lambda_imle: float = 1.0
     candidates: int = 8
-    refresh_every: int = 1
+    refresh_every: int = 4             # NAIGN: a new pool and its candidates every 4 steps (docs/NAIGN.md)
     prior: str = "gaussian"
     step_mode: str = "auto"
     device: str = "auto"
