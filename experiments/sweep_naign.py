@@ -1,7 +1,7 @@
 """NAIGN's k (candidates per data point), λ (IMLE weight) and R (pool refresh period) on MNIST-5k.
 
-Each configuration changes one or two of the three from the sweep's baseline (k = 8, λ = 1, R = 1) and trains the demo's
-model for the same number of steps from the same seed; it then reports what tells a good generator from a
+Each configuration changes one or two of the three from the sweep's baseline (k = 8, λ = 1, R = 1) and
+trains the demo's model for the same number of steps from the same seed; it then reports what tells a good generator from a
 collapsed or copying one: digit classes covered, digit FID, precision/recall/density/coverage, confidence,
 copy share, and the wall time (k changes the cost of a step). The first round (indices 0-9) runs the default
 with two seeds (0 and 1), so that the table shows how much of a difference between rows is seed noise; the
