@@ -93,6 +93,17 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def report(tables, path=None):
+    """Print the tables under a line naming the machine and the command; also write them to path if given."""
+    header = (f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+              f"command: python {' '.join(sys.argv)}")
+    text = "\n\n".join([header, *tables])
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--toy-steps", type=int, default=2000)
@@ -105,13 +116,7 @@ def main():
            for obj in ("ign", "naign")]
     classifier = metrics.load_digit_classifier()
     digits = [mnist_row(obj, args.mnist_steps, args.out, classifier) for obj in ("ign", "naign")]
-    header = (f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-              f"command: python {' '.join(sys.argv)}")
-    text = "\n\n".join([header, markdown(toy), markdown(digits)])
-    print(text)
-    if args.table:
-        with open(args.table, "w") as f:
-            f.write(text + "\n")
+    report([markdown(toy), markdown(digits)], args.table)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,10 @@ second (10-13) repeats its best rows with seed 1 and goes further in their direc
 import argparse
 import json
 import os
-import platform
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
-from compare_ign_naign import markdown, samples_of, train  # noqa: E402
+from compare_ign_naign import markdown, report, samples_of, train  # noqa: E402
 
 from ign_fast import metrics  # noqa: E402
 
@@ -72,13 +69,7 @@ def main():
     for change in configs:
         rows.append(run(change, args.steps, args.out, classifier))
         print(markdown(rows[-1:]), flush=True)
-    header = (f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-              f"command: python {' '.join(sys.argv)}")
-    text = header + "\n\n" + markdown(rows)
-    print(text)
-    if args.table:
-        with open(args.table, "w") as f:
-            f.write(text + "\n")
+    report([markdown(rows)], args.table)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,12 @@ Choices where the paper is silent, and the sweep behind the defaults: docs/NAIGN
   projects noisy digits worse: 20 dB at λ = 1, 18 dB at 4, 14.5 dB at 16), R = 4 (R = 1, 4 and 16 are
   within seed noise of each other in FID, coverage and projection; R = 4 makes a step about 2x faster), l1.
 """
-import math
-
 import torch
 from torch.func import functional_call
 
 from . import ops
-from .step import (NonFiniteUpdateError, check_model_matches, check_output, check_step_inputs, frozen_state,
-                   has_batch_coupling)
+from .step import (apply_update, check_model_matches, check_output, check_step_inputs, frozen_state,
+                   has_batch_coupling, read_terms)
 from .validation import check_distance_kind, check_finite, check_nonnegative_float, check_positive_int
 
 
@@ -180,17 +178,8 @@ class NAIGNStep:
         """One update on an explicit pool (and its candidates f(z_pool), generated here when None); the terms
         as 0-dim tensors. With sync_free the gradients are not reset (a captured graph overwrites them on
         every replay) and nothing is read on the host."""
-        if not sync_free:
-            self.optimizer.zero_grad(set_to_none=True)
-        out = self.compute_gradients(x, z_pool, candidates, sync_free)
-        if skip_nonfinite and not sync_free:
-            # the caller reads this float anyway; reading it before the update costs no extra sync
-            self.last_skipped = not math.isfinite(float(out["loss"]))
-            if self.last_skipped:
-                self.optimizer.zero_grad(set_to_none=True)
-                return out
-        self.optimizer.step()
-        return out
+        return apply_update(self, lambda: self.compute_gradients(x, z_pool, candidates, sync_free), sync_free,
+                            skip_nonfinite)
 
     def __call__(self, x, z_pool=None):
         check_step_inputs(x, x, check_values=False)
@@ -206,9 +195,5 @@ class NAIGNStep:
             out = self.graph_runner(*inputs)
         else:
             out = self.run_update(*inputs, skip_nonfinite=self.skip_nonfinite)
-        values = {k: float(v) for k, v in out.items()}
         self.calls += 1
-        if self.graph_runner is not None and self.skip_nonfinite and not math.isfinite(values["loss"]):
-            raise NonFiniteUpdateError("loss is not finite and mode='graph' has already applied the update; "
-                                       "use mode='fused' to skip such steps")
-        return values
+        return read_terms(self, out)

@@ -87,6 +87,33 @@ def check_output(name, out, inp):
     return out.to(inp.dtype)
 
 
+def apply_update(step, compute_gradients, sync_free, skip_nonfinite):
+    """The update around a step's compute_gradients(): zero the gradients (not when sync_free: a captured
+    graph overwrites them on every replay), compute, optimizer.step(). With skip_nonfinite a non-finite loss
+    leaves the weights and the optimizer's state untouched and sets step.last_skipped; the loss is read as a
+    float before the update, which the caller reads anyway, so this costs no extra host sync."""
+    if not sync_free:
+        step.optimizer.zero_grad(set_to_none=True)
+    out = compute_gradients()
+    if skip_nonfinite and not sync_free:
+        step.last_skipped = not math.isfinite(float(out["loss"]))
+        if step.last_skipped:
+            step.optimizer.zero_grad(set_to_none=True)
+            return out
+    step.optimizer.step()
+    return out
+
+
+def read_terms(step, out):
+    """The update's terms as floats. A replayed CUDA graph has applied its update already: a non-finite loss
+    there raises NonFiniteUpdateError (with skip_nonfinite) instead of passing unnoticed."""
+    values = {k: float(v) for k, v in out.items()}
+    if step.graph_runner is not None and step.skip_nonfinite and not math.isfinite(values["loss"]):
+        raise NonFiniteUpdateError("loss is not finite and mode='graph' has already applied the update; "
+                                   "use mode='fused' to skip such steps")
+    return values
+
+
 class IGNStep:
     """zero_grad, forward, backward, optimizer.step(); returns a dict of floats: loss, rec, idem, tight.
 
@@ -171,17 +198,7 @@ class IGNStep:
         """One update; returns the four terms as 0-dim tensors. Without skip_nonfinite it does not
         synchronise with the host. With sync_free the gradients are not reset (a captured graph overwrites
         them on every replay)."""
-        if not sync_free:
-            self.optimizer.zero_grad(set_to_none=True)
-        out = self.compute_gradients(x, z, sync_free)
-        if skip_nonfinite and not sync_free:
-            # the caller reads this float anyway; reading it before the update costs no extra sync
-            self.last_skipped = not math.isfinite(float(out["loss"]))
-            if self.last_skipped:
-                self.optimizer.zero_grad(set_to_none=True)
-                return out
-        self.optimizer.step()
-        return out
+        return apply_update(self, lambda: self.compute_gradients(x, z, sync_free), sync_free, skip_nonfinite)
 
     def __call__(self, x, z):
         check_step_inputs(x, z, check_values=False)
@@ -194,8 +211,4 @@ class IGNStep:
             out = self.graph_runner(x, z)
         else:
             out = self.run_update(x, z, skip_nonfinite=self.skip_nonfinite)
-        values = {k: float(v) for k, v in out.items()}
-        if self.graph_runner is not None and self.skip_nonfinite and not math.isfinite(values["loss"]):
-            raise NonFiniteUpdateError("loss is not finite and mode='graph' has already applied the update; "
-                                       "use mode='fused' to skip such steps")
-        return values
+        return read_terms(self, out)
