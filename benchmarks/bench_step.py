@@ -1,9 +1,10 @@
 """Steps per second of one IGN update in each mode, with the step's FLOPs and peak memory.
 
-Modes are timed round-robin (one step of each per round, medians over rounds), so load changes on a
-shared machine reach every mode alike. Modes: reference eager fp32 (the four-call step), reference under torch.compile with bf16 autocast (what
-the best public replication runs), fused fp32, fused + bf16, graph + bf16 (GPU only). Correctness is
-asserted first: from the same weights, one fused step must land where the reference step does.
+Modes are timed round-robin (one step of each per round, medians over rounds), so load changes on a shared
+machine reach every mode alike. Modes: reference eager fp32 (the four-call step), reference under
+torch.compile with bf16 autocast (what the best public replication runs), fused fp32, fused + bf16, graph +
+bf16 (GPU only). Correctness is asserted first: from the same weights, one fused step must land where the
+reference step does.
 
   python benchmarks/bench_step.py --quick        # CPU: DCGAN 28 at batch 64 and 256
   python benchmarks/bench_step.py                # GPU: DCGAN 28 b256, DCGAN 64 b256 and b1024

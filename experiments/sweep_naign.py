@@ -1,12 +1,12 @@
 """NAIGN's k (candidates per data point), λ (IMLE weight) and R (pool refresh period) on MNIST-5k.
 
-Each configuration changes one or two of the three from the sweep's baseline (k = 8, λ = 1, R = 1) and
-trains the demo's model for the same number of steps from the same seed; it then reports what tells a good generator from a
-collapsed or copying one: digit classes covered, digit FID, precision/recall/density/coverage, confidence,
-copy share, and the wall time (k changes the cost of a step). The first round (indices 0-9) runs the default
-with two seeds (0 and 1), so that the table shows how much of a difference between rows is seed noise; the
-second (10-13) repeats its best rows with seed 1 and goes further in their direction; the third (8, 9, 14,
-15) measures R with both seeds once a pool's candidates were searched until the next refresh.
+Each configuration changes one or two of the three from the sweep's baseline (k = 8, λ = 1, R = 1) and trains
+the demo's model for the same number of steps from the same seed; it then reports what tells a good generator
+from a collapsed or copying one: digit classes covered, digit FID, precision/recall/density/coverage,
+confidence, copy share, and the wall time (k changes the cost of a step). The first round (indices 0-9) runs
+the default with two seeds (0 and 1), so that the table shows how much of a difference between rows is seed
+noise; the second (10-13) repeats its best rows with seed 1 and goes further in their direction; the third (8,
+9, 14, 15) measures R with both seeds once a pool's candidates were searched until the next refresh.
 
   python experiments/sweep_naign.py --steps 1500 --out runs/sweep --only 0 1 2 3 4 5 6 7 8 9
 """

@@ -42,7 +42,8 @@ def _add_train(sub):
     p.add_argument("--tight-clamp-ratio", type=_optional_float, default=d.tight_clamp_ratio, help="a number or none")
     p.add_argument("--lambda-imle", type=float, default=d.lambda_imle)
     p.add_argument("--candidates", type=int, default=d.candidates, help="NAIGN: noise samples per data point")
-    p.add_argument("--refresh-every", type=int, default=d.refresh_every, help="NAIGN: steps between new pools of candidates")
+    p.add_argument("--refresh-every", type=int, default=d.refresh_every,
+                   help="NAIGN: steps between new pools of candidates")
     p.add_argument("--prior", default=d.prior, help="gaussian | fourier")
     p.add_argument("--step-mode", default=d.step_mode)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")

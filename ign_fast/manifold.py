@@ -7,14 +7,13 @@ as an out-of-distribution score: small on data, large off it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .validation import check_distance_kind, check_finite, check_positive_int, check_tensor
+from .validation import check_distance_kind, check_finite, check_positive_float, check_positive_int, check_tensor
 
 
 def _model_placement(model: Any, y: torch.Tensor) -> tuple[torch.device, torch.dtype]:
@@ -75,12 +74,7 @@ def energy(model: nn.Module, y: torch.Tensor, temperature: float = 1.0, batch_si
     exp(-E(y)) is NAIGN's unnormalised density surrogate: 1 on the manifold, decaying with the
     squared distance to it; temperature sets how fast. A [N] tensor on y's device.
     """
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}") from None
-    if not t > 0 or math.isinf(t):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    t = check_positive_float("temperature", temperature)
     return manifold_distance(model, y, distance="l2", batch_size=batch_size).square() / t
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_finite, check_positive_int, check_tensor
+from .validation import check_finite, check_positive_float, check_positive_int, check_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -592,12 +592,7 @@ def toy_mode_coverage(samples: torch.Tensor, modes: torch.Tensor, radius: float,
     if x.dim() != 2 or m.dim() != 2 or x.shape[1] != m.shape[1] or x.shape[0] == 0 or m.shape[0] == 0:
         raise ValueError(f"samples and modes must be non-empty [N, D] and [M, D], got {tuple(x.shape)} "
                          f"and {tuple(m.shape)}")
-    try:
-        radius = float(radius)
-    except (TypeError, ValueError):
-        raise TypeError(f"radius must be a number, got {type(radius).__name__}") from None
-    if not radius > 0 or math.isinf(radius):
-        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    radius = check_positive_float("radius", radius)
     if min_count is None:
         min_count = max(1, x.shape[0] // (5 * m.shape[0]))
     min_count = check_positive_int("min_count", min_count)

@@ -155,7 +155,8 @@ class NAIGNStep:
             fx = check_output("f(x)", model(x), x)
             f_znn = check_output("f(z*)", model(z_nn), z_nn)
         else:  # one batched call: the same values, half the launches
-            out = check_output("f(x, z)", model(torch.cat([x, z_nn])), torch.cat([x, z_nn]))
+            both = torch.cat([x, z_nn])
+            out = check_output("f(x, z)", model(both), both)
             fx, f_znn = out[: x.shape[0]], out[x.shape[0]:]
         f_f_znn = None
         if self.loss.lambda_idem > 0:

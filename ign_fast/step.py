@@ -174,7 +174,7 @@ class IGNStep:
             out = check_output("f(x, z)", model(both), both)
             fx, fz = out[: x.shape[0]], out[x.shape[0]:]
         f_fz, ff_z, self.last_plan = shared_second_application(model, fz, self.loss, coupled, sync_free)
-        return self.loss(x, fx, fz, f_fz.to(x.dtype), ff_z.to(x.dtype))
+        return self.loss(x, fx, fz, check_output("f(f(z))", f_fz, fz), check_output("f(f(z))", ff_z, fz))
 
     def _reference_forward(self, x, z):
         model = self.model
@@ -185,7 +185,7 @@ class IGNStep:
         return self.loss(x, fx, fz, f_fz, ff_z)
 
     def compute_gradients(self, x, z, sync_free=False):
-        """Forward and backward of the fused step (gradients accumulate into .grad); the four terms as 0-dim
+        """Forward and backward in the step's mode (gradients accumulate into .grad); the four terms as 0-dim
         tensors. With sync_free it never reads a device value on the host (what a CUDA graph capture needs)."""
         total, rec, idem, tight = self.forward_loss(x, z, sync_free)
         total.backward()

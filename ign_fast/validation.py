@@ -51,11 +51,22 @@ def check_positive_int(name, value):
     return value
 
 
-def check_nonnegative_float(name, value):
+def _as_float(name, value):
     try:
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+
+
+def check_nonnegative_float(name, value):
+    v = _as_float(name, value)
     if not (v >= 0.0) or v == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_positive_float(name, value):
+    v = _as_float(name, value)
+    if not (v > 0.0) or v == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return v

@@ -25,6 +25,25 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    # For modules of small tensors: on a shared 2-core machine a second OpenMP thread mostly spin-waits for
+    # the first (several-fold slower under load), so such a module runs single-threaded.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls and convolutions in full precision (the GPU tolerances assume it), restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 class SkipMLP(torch.nn.Module):
     """A user-written model with a skip connection: f(x) = x + 0.5·mlp(x)."""
 

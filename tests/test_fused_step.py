@@ -135,9 +135,7 @@ def test_graph_mode_on_cpu_falls_back_to_fused_with_a_warning():
 @requires_cuda
 @pytest.mark.parametrize("name", ["dcgan28-group", "dcgan28-batch", "mlp"])
 @pytest.mark.parametrize("ratio", [1.5, None])
-def test_cuda_fused_and_graph_match_reference(name, ratio):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_cuda_fused_and_graph_match_reference(name, ratio, no_tf32):
     make, shape = MODELS[name]
     torch.manual_seed(0)
     ref_model = make().cuda()
@@ -165,7 +163,8 @@ def test_fused_under_bf16_autocast_is_as_accurate_as_the_reference(name, ratio):
     for label, mode, amp in (("fp32", "reference", None), ("ref16", "reference", torch.bfloat16),
                              ("fused16", "fused", torch.bfloat16)):
         model = copy.deepcopy(base)
-        step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()), ign_fast.IGNLoss("l1", tight_clamp_ratio=ratio),
+        step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()),
+                                ign_fast.IGNLoss("l1", tight_clamp_ratio=ratio),
                                 mode=mode, amp_dtype=amp)
         total = step.forward_loss(x, z)[0]
         assert total.dtype == torch.float32

@@ -62,7 +62,8 @@ def test_ign_captured_update_has_no_host_sync(name, distance, ratio):
     make, shape = MODELS[name]
     torch.manual_seed(0)
     model = make()
-    step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()), ign_fast.IGNLoss(distance, tight_clamp_ratio=ratio),
+    step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()),
+                            ign_fast.IGNLoss(distance, tight_clamp_ratio=ratio),
                             mode="fused", check_inputs=False)
     x, z = batches_for(shape, torch.float32, n=1, batch=3)[0]
     with HostSyncGuard():
@@ -148,9 +149,7 @@ def test_naign_step_rejects_an_unknown_mode():
 @requires_cuda
 @pytest.mark.parametrize("name", ["dcgan28-group", "dcgan28-batch", "mlp"])
 @pytest.mark.parametrize("refresh_every", [None, 2])
-def test_cuda_naign_graph_matches_fused(name, refresh_every):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_cuda_naign_graph_matches_fused(name, refresh_every, no_tf32):
     make, shape = MODELS[name]
     torch.manual_seed(0)
     fused_model = make().cuda()

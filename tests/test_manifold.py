@@ -29,14 +29,7 @@ class Clamp(nn.Module):
         return x.clamp(-1, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tensors are small: on a shared 2-core machine a second OpenMP thread mostly spin-waits
-    # for the first (several-fold slower under load), so this module runs single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- manifold_distance

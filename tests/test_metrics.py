@@ -12,14 +12,7 @@ import torch
 from ign_fast import metrics
 from ign_fast.data import TOY_MODES, eight_gaussians, load_mnist5k
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tensors are small: on a shared 2-core machine a second OpenMP thread mostly spin-waits
-    # for the first (several-fold slower under load), so this module runs single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- fixtures
