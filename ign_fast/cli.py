@@ -282,14 +282,13 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "project": cmd_project, "e
 
 def main(argv=None):
     from .checkpoint import CheckpointError
-    from .step import NonFiniteUpdateError
     from .trainer import NonFiniteTrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad syntax
     try:
         return COMMANDS[args.command](args)
-    except (NonFiniteTrainingError, NonFiniteUpdateError) as error:  # the run's data or settings, not usage
+    except NonFiniteTrainingError as error:  # the run's data or settings, not usage
         print(f"ign-fast {args.command}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     except (UsageError, ValueError, TypeError, CheckpointError, FileNotFoundError, ImportError) as error:

@@ -20,6 +20,7 @@ import torch
 from torch.func import functional_call
 
 from . import ops
+from .graph_step import set_capturable
 from .step import (apply_update, check_model_matches, check_output, check_step_inputs, frozen_state,
                    has_batch_coupling, read_terms)
 from .validation import check_distance_kind, check_finite, check_nonnegative_float, check_positive_int
@@ -75,9 +76,8 @@ class NAIGNStep:
     call) or "graph" (the same update captured whole as a CUDA graph, see graph_step.py; the pool is drawn
     outside the graph and copied into it; "fused" on CPU). check_inputs: reject NaN/inf in x and z_pool (a
     host sync per step; the trainer checks its data once at load). skip_nonfinite and grad_sync: as in IGNStep
-    (a non-finite loss leaves the weights untouched, except in mode="graph", which raises
-    NonFiniteUpdateError after the fact; grad_sync averages gradients across ranks between backward and the
-    update)."""
+    (a non-finite loss leaves the weights untouched, decided on the device in mode="graph";
+    grad_sync averages gradients across ranks between backward and the update)."""
 
     def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=1024, amp_dtype=None,
                  check_inputs=True, skip_nonfinite=True, mode="fused"):
@@ -112,7 +112,9 @@ class NAIGNStep:
         if mode == "graph":
             from .graph_step import graph_runner_or_none
 
-            self.graph_runner = graph_runner_or_none(model, optimizer, self.run_update)
+            self.graph_runner = graph_runner_or_none(model, optimizer, self.compute_gradients, skip_nonfinite)
+        if self.graph_runner is None:  # a state dict saved by a graph step comes back capturable: not here
+            optimizer.register_load_state_dict_post_hook(lambda opt: set_capturable(opt, False))
 
     def _pool_for(self, x, z_pool):
         """(pool, fresh): the caller's pool (always fresh), or the step's own, redrawn every R calls."""
@@ -135,7 +137,7 @@ class NAIGNStep:
     def forward_loss(self, x, z_pool=None):
         """(total, rec, imle, idem, nn_distance) for one batch, with the graph attached. z_pool None: the
         step's own pool (see _pool_for)."""
-        return self._loss_terms(x, self._pool_for(x, z_pool)[0])
+        return self._loss_terms(x, self._pool_for(x, z_pool)[0])[:5]
 
     def _loss_terms(self, x, z_pool, candidates=None, sync_free=False):
         # autocast's weight-cast cache would keep tensors from outside a CUDA graph capture: off when capturing
@@ -144,10 +146,10 @@ class NAIGNStep:
             return self._forward(x, z_pool, candidates)
 
     def _forward(self, x, z_pool, candidates=None):
-        if candidates is None:  # a fresh pool: generate; kept for the calls until the next refresh
+        """The five terms and the candidates searched (made here from a fresh pool when candidates is None)."""
+        if candidates is None:
             candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, z_pool,
                                                                                   self.candidate_chunk), z_pool)
-            self.candidates = candidates
         index, nn_distance = ops.nearest_neighbors(x, candidates, self.loss.distance)
         z_nn = z_pool.index_select(0, index)
         model = self.model
@@ -162,25 +164,28 @@ class NAIGNStep:
         if self.loss.lambda_idem > 0:
             f_f_znn = check_output("f(f(z*))", functional_call(model, frozen_state(model), (f_znn,)), f_znn)
         total, rec, imle, idem = self.loss(x, fx, f_znn, f_f_znn)
-        return total, rec, imle, idem, nn_distance
+        return total, rec, imle, idem, nn_distance, candidates
 
     def compute_gradients(self, x, z_pool, candidates=None, sync_free=False):
         """Forward and backward on a checked pool (gradients accumulate into .grad); the five terms as 0-dim
-        tensors. With sync_free it never reads a device value on the host (what a CUDA graph capture needs)."""
-        total, rec, imle, idem, nn_distance = self._loss_terms(x, z_pool, candidates, sync_free)
+        tensors, and under "_candidates" the candidates made from a fresh pool (candidates None), which the
+        calls until the next refresh search. With sync_free it never reads a device value on the host (what a
+        CUDA graph capture needs)."""
+        total, rec, imle, idem, nn_distance, made = self._loss_terms(x, z_pool, candidates, sync_free)
         total.backward()
         terms = [total.detach(), rec.detach().mean(), imle.detach().mean(), idem.detach().mean(),
                  nn_distance.detach().float().mean()]
         if self.grad_sync is not None:
             terms = self.grad_sync(terms)
-        return dict(zip(("loss", "rec", "imle", "idem", "nn_distance"), terms))
+        out = dict(zip(("loss", "rec", "imle", "idem", "nn_distance"), terms))
+        if candidates is None:
+            out["_candidates"] = made
+        return out
 
-    def run_update(self, x, z_pool, candidates=None, sync_free=False, skip_nonfinite=False):
-        """One update on an explicit pool (and its candidates f(z_pool), generated here when None); the terms
-        as 0-dim tensors. With sync_free the gradients are not reset (a captured graph overwrites them on
-        every replay) and nothing is read on the host."""
-        return apply_update(self, lambda: self.compute_gradients(x, z_pool, candidates, sync_free), sync_free,
-                            skip_nonfinite)
+    def run_update(self, x, z_pool, candidates=None, skip_nonfinite=False):
+        """One eager update on an explicit pool (and its candidates f(z_pool), generated here when None); the
+        terms as 0-dim tensors."""
+        return apply_update(self, lambda: self.compute_gradients(x, z_pool, candidates), skip_nonfinite)
 
     def __call__(self, x, z_pool=None):
         check_step_inputs(x, x, check_values=False)
@@ -196,5 +201,7 @@ class NAIGNStep:
             out = self.graph_runner(*inputs)
         else:
             out = self.run_update(*inputs, skip_nonfinite=self.skip_nonfinite)
+        if "_candidates" in out:  # a graph's output lives in that graph's own memory pool: safe to keep
+            self.candidates = out["_candidates"]
         self.calls += 1
         return read_terms(self, out)

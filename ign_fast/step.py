@@ -13,7 +13,7 @@ the copy's call too (as the paper's code does) without touching the model's runn
 Non-finite steps: with skip_nonfinite (the default) a step whose loss is NaN or inf leaves the weights and the
 optimizer's state untouched; `last_skipped` says whether the last call did. The loss is read as a float before
 optimizer.step() instead of after it, so this costs no extra host sync. A replayed CUDA graph (mode="graph")
-has its update inside the graph and cannot skip it: it raises NonFiniteUpdateError instead.
+makes the same decision on the device and reports it the same way (graph_step.py).
 
 Data parallel: `grad_sync`, when set (ign_fast/distributed.py), runs after backward and before the update
 and averages the gradients and loss terms across ranks; it is the only place gradients are reduced.
@@ -23,6 +23,7 @@ import math
 import torch
 from torch.func import functional_call
 
+from .graph_step import set_capturable
 from .objectives import IGNLoss
 from .validation import check_finite, check_tensor
 
@@ -41,10 +42,6 @@ def has_batch_coupling(model):
     (train mode, or no running statistics at all)."""
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
                for m in model.modules())
-
-
-class NonFiniteUpdateError(RuntimeError):
-    """A non-finite loss whose update could not be skipped (a replayed CUDA graph applies it)."""
 
 
 def check_step_inputs(x, z, check_values=True, z_name="z"):
@@ -87,15 +84,14 @@ def check_output(name, out, inp):
     return out.to(inp.dtype)
 
 
-def apply_update(step, compute_gradients, sync_free, skip_nonfinite):
-    """The update around a step's compute_gradients(): zero the gradients (not when sync_free: a captured
-    graph overwrites them on every replay), compute, optimizer.step(). With skip_nonfinite a non-finite loss
-    leaves the weights and the optimizer's state untouched and sets step.last_skipped; the loss is read as a
-    float before the update, which the caller reads anyway, so this costs no extra host sync."""
-    if not sync_free:
-        step.optimizer.zero_grad(set_to_none=True)
+def apply_update(step, compute_gradients, skip_nonfinite):
+    """The eager update around a step's compute_gradients(): zero the gradients, compute, optimizer.step().
+    With skip_nonfinite a non-finite loss leaves the weights and the optimizer's state untouched and sets
+    step.last_skipped; the loss is read as a float before the update, which the caller reads anyway, so this
+    costs no extra host sync. (A CUDA graph's update is graph_step.captured_update.)"""
+    step.optimizer.zero_grad(set_to_none=True)
     out = compute_gradients()
-    if skip_nonfinite and not sync_free:
+    if skip_nonfinite:
         step.last_skipped = not math.isfinite(float(out["loss"]))
         if step.last_skipped:
             step.optimizer.zero_grad(set_to_none=True)
@@ -105,13 +101,11 @@ def apply_update(step, compute_gradients, sync_free, skip_nonfinite):
 
 
 def read_terms(step, out):
-    """The update's terms as floats. A replayed CUDA graph has applied its update already: a non-finite loss
-    there raises NonFiniteUpdateError (with skip_nonfinite) instead of passing unnoticed."""
-    values = {k: float(v) for k, v in out.items()}
-    if step.graph_runner is not None and step.skip_nonfinite and not math.isfinite(values["loss"]):
-        raise NonFiniteUpdateError("loss is not finite and mode='graph' has already applied the update; "
-                                   "use mode='fused' to skip such steps")
-    return values
+    """The update's terms as floats (keys starting with "_" are not terms). A graph's update reports in
+    "_skipped" whether it was skipped on the device for a non-finite loss."""
+    if "_skipped" in out:
+        step.last_skipped = bool(out["_skipped"])
+    return {k: float(v) for k, v in out.items() if not k.startswith("_")}
 
 
 class IGNStep:
@@ -150,7 +144,9 @@ class IGNStep:
         if mode == "graph":
             from .graph_step import graph_runner_or_none
 
-            self.graph_runner = graph_runner_or_none(model, optimizer, self.run_update)
+            self.graph_runner = graph_runner_or_none(model, optimizer, self.compute_gradients, skip_nonfinite)
+        if self.graph_runner is None:  # a state dict saved by a graph step comes back capturable: not here
+            optimizer.register_load_state_dict_post_hook(lambda opt: set_capturable(opt, False))
 
     def forward_loss(self, x, z, sync_free=False):
         """The objective's terms for one batch, with the graph attached: (total, rec, idem, tight)."""
@@ -194,11 +190,10 @@ class IGNStep:
             terms = self.grad_sync(terms)
         return dict(zip(("loss", "rec", "idem", "tight"), terms))
 
-    def run_update(self, x, z, sync_free=False, skip_nonfinite=False):
-        """One update; returns the four terms as 0-dim tensors. Without skip_nonfinite it does not
-        synchronise with the host. With sync_free the gradients are not reset (a captured graph overwrites
-        them on every replay)."""
-        return apply_update(self, lambda: self.compute_gradients(x, z, sync_free), sync_free, skip_nonfinite)
+    def run_update(self, x, z, skip_nonfinite=False):
+        """One eager update; returns the four terms as 0-dim tensors. Without skip_nonfinite it does not
+        synchronise with the host."""
+        return apply_update(self, lambda: self.compute_gradients(x, z), skip_nonfinite)
 
     def __call__(self, x, z):
         check_step_inputs(x, z, check_values=False)

@@ -58,7 +58,7 @@ class TrainConfig:
     candidates: int = 8
     refresh_every: int = 4             # NAIGN: a new pool and its candidates every 4 steps (docs/NAIGN.md)
     prior: str = "gaussian"
-    step_mode: str = "auto"
+    step_mode: str = "auto"            # auto: fused (graph is opt-in until it has passed on a GPU)
     device: str = "auto"
     amp: str = "auto"                 # "bf16" autocast on GPU, "none"; auto: bf16 on CUDA, none on CPU
     seed: int = 0
@@ -156,8 +156,8 @@ def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
     # check_inputs=False: the trainer checks its data for NaN/inf once when it loads it, and its noise comes
     # from the prior; a per-step check would cost a host sync every step
     mode = config.step_mode
-    if mode == "auto":  # the whole update as a CUDA graph on GPU; on CPU the fused step
-        mode = "graph" if device.type == "cuda" else "fused"
+    if mode == "auto":  # the fused step everywhere: mode="graph" has not yet passed on a GPU (issue 11); it is
+        mode = "fused"  # one flag away (--step-mode graph) and becomes the CUDA default with a recorded GPU run
     if config.objective == "ign":
         loss = IGNLoss(config.distance, config.lambda_rec, config.lambda_idem, config.lambda_tight,
                        config.tight_clamp_ratio)

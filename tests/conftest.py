@@ -44,6 +44,16 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+@pytest.fixture
+def capturable_on_cpu(monkeypatch):
+    """Let Adam run with capturable=True on CPU tensors (torch allows it only on accelerators; the math is
+    the same tensor code), so the update a CUDA graph captures, optimizer step included, runs here whole."""
+    import torch.optim.adam as adam
+
+    supported = adam._get_capturable_supported_devices
+    monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda *a, **k: [*supported(*a, **k), "cpu"])
+
+
 class SkipMLP(torch.nn.Module):
     """A user-written model with a skip connection: f(x) = x + 0.5·mlp(x)."""
 

@@ -1,13 +1,13 @@
 """CUDA-graph capture safety, checked where no GPU is: HostSyncGuard raises on every op that would make a
-CUDA device wait for the host, and the updates that mode="graph" captures (IGN and NAIGN, sync_free=True)
-run whole under it. On a GPU: NAIGN graph against fused after K steps (IGN's is in test_fused_step.py)."""
+CUDA device wait for the host, and the updates that mode="graph" captures (graph_step.captured_update for
+IGN and NAIGN: in-place zero_grad, forward, backward, the masked capturable Adam step) run whole under it. On a GPU: NAIGN graph against fused after K steps (IGN's is in test_fused_step.py)."""
 import copy
 
 import pytest
 import torch
 
 import ign_fast
-from ign_fast.graph_step import HostSyncError, HostSyncGuard
+from ign_fast.graph_step import HostSyncError, HostSyncGuard, captured_update, make_capturable
 from ign_fast.models import DCGAN28, MLP
 
 from conftest import SkipMLP, requires_cuda
@@ -58,28 +58,33 @@ IGN_CASES = [(name, d, r) for name in ("dcgan28-group", "dcgan28-batch", "dcgan2
 
 
 @pytest.mark.parametrize("name, distance, ratio", IGN_CASES)
-def test_ign_captured_update_has_no_host_sync(name, distance, ratio):
+def test_ign_captured_update_has_no_host_sync(capturable_on_cpu, name, distance, ratio):
     make, shape = MODELS[name]
     torch.manual_seed(0)
     model = make()
     step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()),
                             ign_fast.IGNLoss(distance, tight_clamp_ratio=ratio),
                             mode="fused", check_inputs=False)
+    make_capturable(step.optimizer)
     x, z = batches_for(shape, torch.float32, n=1, batch=3)[0]
+    before = [p.detach().clone() for p in model.parameters()]
     with HostSyncGuard():
-        out = step.compute_gradients(x, z, sync_free=True)
+        out = captured_update(step.compute_gradients, step.optimizer, (x, z), skip_nonfinite=True)
+        captured_update(step.compute_gradients, step.optimizer, (x, z), skip_nonfinite=True)  # with state
     assert all(p.grad is not None for p in model.parameters())
-    assert torch.isfinite(out["loss"])
+    assert torch.isfinite(out["loss"]) and not out["_skipped"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the update was applied
 
 
-def test_ign_captured_update_under_bf16_autocast_has_no_host_sync():
+def test_ign_captured_update_under_bf16_autocast_has_no_host_sync(capturable_on_cpu):
     torch.manual_seed(0)
     model = DCGAN28(latent_dim=8, width=8, norm="group")
     step = ign_fast.IGNStep(model, torch.optim.Adam(model.parameters()), mode="fused", amp_dtype=torch.bfloat16,
                             check_inputs=False)
+    make_capturable(step.optimizer)
     x, z = batches_for((1, 28, 28), torch.float32, n=1, batch=3)[0]
     with HostSyncGuard():
-        step.compute_gradients(x, z, sync_free=True)
+        captured_update(step.compute_gradients, step.optimizer, (x, z), skip_nonfinite=True)
 
 
 def naign_step(model, mode="fused", distance="l1", lambda_idem=0.0, k=3, amp_dtype=None):
@@ -90,26 +95,30 @@ def naign_step(model, mode="fused", distance="l1", lambda_idem=0.0, k=3, amp_dty
 
 @pytest.mark.parametrize("name", ["dcgan28-group", "dcgan28-batch", "mlp", "skip"])
 @pytest.mark.parametrize("distance, lambda_idem", [("l1", 0.0), ("l2", 1.0)])
-def test_naign_captured_update_has_no_host_sync(name, distance, lambda_idem):
+def test_naign_captured_update_has_no_host_sync(capturable_on_cpu, name, distance, lambda_idem):
     make, shape = MODELS[name]
     torch.manual_seed(0)
     model = make()
     step = naign_step(model, distance=distance, lambda_idem=lambda_idem)
+    make_capturable(step.optimizer)
     x = batches_for(shape, torch.float32, n=1, batch=4)[0][0]
     pool = torch.randn(12, *shape)
     with HostSyncGuard():
-        out = step.compute_gradients(x, pool, sync_free=True)
-        step.compute_gradients(x, pool, step.candidates, sync_free=True)  # a call between pool refreshes
+        out = captured_update(step.compute_gradients, step.optimizer, (x, pool), skip_nonfinite=True)
+        # a call between pool refreshes searches the candidates the refresh returned
+        captured_update(step.compute_gradients, step.optimizer, (x, pool, out["_candidates"]), skip_nonfinite=True)
     assert all(p.grad is not None for p in model.parameters())
-    assert set(out) == {"loss", "rec", "imle", "idem", "nn_distance"}
+    assert set(out) == {"loss", "rec", "imle", "idem", "nn_distance", "_candidates", "_skipped"}
 
 
-def test_naign_captured_update_under_bf16_autocast_has_no_host_sync():
+def test_naign_captured_update_under_bf16_autocast_has_no_host_sync(capturable_on_cpu):
     torch.manual_seed(0)
     model = DCGAN28(latent_dim=8, width=8, norm="group")
     step = naign_step(model, amp_dtype=torch.bfloat16)
+    make_capturable(step.optimizer)
+    x, pool = torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(12, 1, 28, 28)
     with HostSyncGuard():
-        step.compute_gradients(torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(12, 1, 28, 28), sync_free=True)
+        captured_update(step.compute_gradients, step.optimizer, (x, pool), skip_nonfinite=True)
 
 
 def run_naign(model, mode, batches, k=3, refresh_every=None):
@@ -124,7 +133,8 @@ def run_naign(model, mode, batches, k=3, refresh_every=None):
     return step, [step(x)["loss"] for x in batches]
 
 
-def test_naign_graph_mode_on_cpu_falls_back_to_fused_with_a_warning():
+def test_cpu_fallback_of_naign_graph_mode_is_the_fused_step_with_a_warning():
+    # what this tests: the CPU fallback, not a graph (the graph's logic: test_graph_runner.py)
     import ign_fast.graph_step as graph_step
 
     graph_step._warned_cpu = False
@@ -148,13 +158,16 @@ def test_naign_step_rejects_an_unknown_mode():
 
 @requires_cuda
 @pytest.mark.parametrize("name", ["dcgan28-group", "dcgan28-batch", "mlp"])
-@pytest.mark.parametrize("refresh_every", [None, 2])
+@pytest.mark.parametrize("refresh_every", [None, 1, 2, 3, 4, 16])
 def test_cuda_naign_graph_matches_fused(name, refresh_every, no_tf32):
+    # R >= 3 captures the reuse graph before the refresh graph: with one shared memory pool the refresh
+    # graph's candidates could sit in the reuse graph's scratch memory and be overwritten on every replay
     make, shape = MODELS[name]
     torch.manual_seed(0)
     fused_model = make().cuda()
     graph_model = copy.deepcopy(fused_model)
-    n = 6 if refresh_every is None else 12  # R = 2: six refresh and six reuse calls, three replays of each
+    # enough calls that both graphs are captured and then replayed across at least two refreshes
+    n = 6 if refresh_every is None else refresh_every * 6 + 2
     batches = [x.cuda() for x, _ in batches_for(shape, torch.float32, n=n, batch=4)]
     fused_step_, fused_losses = run_naign(fused_model, "fused", batches, refresh_every=refresh_every)
     graph_step_, graph_losses = run_naign(graph_model, "graph", batches, refresh_every=refresh_every)

@@ -14,6 +14,8 @@ from ign_fast.naign import NAIGNLoss
 from ign_fast.objectives import IGNLoss
 from ign_fast.trainer import NonFiniteTrainingError, TrainConfig, Trainer
 
+from conftest import requires_cuda
+
 
 def poison_losses(monkeypatch, loss_class, bad_calls, value=float("nan")):
     """Make loss_class.forward return `value` as its total on the given 1-based calls (a model that blew up)."""
@@ -36,10 +38,18 @@ def snapshot(model, optimizer):
 
 
 def assert_same_state(a, b):
+    """Weights, buffers and the whole optimizer state (every moment and step counter, and the hyperparameters)
+    are equal."""
     (ma, oa), (mb, ob) = a, b
+    assert ma.keys() == mb.keys()
     for k in ma:
         assert torch.equal(ma[k], mb[k]), k
-    assert [s["step"] for s in oa["state"].values()] == [s["step"] for s in ob["state"].values()]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for index, state in oa["state"].items():
+        assert state.keys() == ob["state"][index].keys()
+        for key, value in state.items():
+            assert torch.equal(value, ob["state"][index][key]), (index, key)
 
 
 @pytest.mark.parametrize("mode", ["reference", "fused"])
@@ -60,6 +70,35 @@ def test_ign_step_skips_a_nonfinite_update(monkeypatch, mode, value):
     step(x, z)  # finite again: updates
     assert not step.last_skipped
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before[0].items())
+
+
+@requires_cuda
+@pytest.mark.parametrize("objective", ["ign", "naign"])
+def test_cuda_graph_step_skips_a_nonfinite_update_on_the_device(objective):
+    # calls 1-3 warm up, 4 captures, 5-8 replay: a NaN in the batch (data, so a replayed graph sees it too,
+    # which a Python-level poison of the loss would not) at a warm-up (call 2) and at a replay (call 6)
+    model = MLP(4, hidden=8, depth=2).cuda()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    if objective == "ign":
+        step = ign_fast.IGNStep(model, opt, mode="graph", check_inputs=False)
+    else:
+        step = ign_fast.NAIGNStep(model, opt, loss=NAIGNLoss(candidates_per_sample=2), mode="graph",
+                                  check_inputs=False)
+    assert step.graph_runner is not None
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for call in range(1, 9):
+        x = torch.randn(6, 4, device="cuda", generator=g)
+        other = torch.randn(6 if objective == "ign" else 12, 4, device="cuda", generator=g)
+        if call in (2, 6):
+            x[0, 0] = float("nan")
+        before = snapshot(model, opt)
+        out = step(x, other)
+        if call in (2, 6):
+            assert step.last_skipped and out["loss"] != out["loss"]
+            assert_same_state(before, snapshot(model, opt))
+        else:
+            assert not step.last_skipped and out["loss"] == out["loss"]
+    assert step.graph_runner.graphs  # calls 5-8 were replays
 
 
 def test_naign_step_skips_a_nonfinite_update(monkeypatch):
