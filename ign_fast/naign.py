@@ -121,6 +121,9 @@ class NAIGNStep:
         need = self.loss.candidates_per_sample * x.shape[0]
         if z_pool is not None:
             check_step_inputs(x, z_pool, check_values=self.check_inputs, z_name="z_pool")
+            if z_pool.shape[0] != need:  # a smaller pool silently weakens IMLE's every-point-claims-a-sample
+                raise ValueError(f"z_pool must hold candidates_per_sample x batch = {self.loss.candidates_per_sample}"
+                                 f" x {x.shape[0]} = {need} noise samples, got {z_pool.shape[0]}")
             return z_pool, True
         if self.sample_noise is None:
             raise ValueError("z_pool must be given when the step has no sample_noise function")

@@ -75,6 +75,8 @@ CASES = [
     ("naign z_pool shape", lambda: naign_step()(x(), x(8, dim=5)), ValueError,
      "z_pool must have the per-sample shape"),
     ("naign z_pool empty", lambda: naign_step()(x(), x(0)), ValueError, "z_pool must hold at least one sample"),
+    ("naign z_pool size", lambda: naign_step()(x(), x(5)), ValueError,
+     r"z_pool must hold candidates_per_sample x batch = 2 x 4 = 8 noise samples, got 5"),
     ("naign z_pool dtype", lambda: naign_step()(x(), x(8, dtype=torch.float64)), ValueError,
      "z_pool must match x in dtype"),
     ("naign z_pool NaN", lambda: naign_step()(x(), with_value(x(8), math.nan)), ValueError,
