@@ -176,6 +176,25 @@ def list_images(folder: Union[str, os.PathLike]) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, folder))
 
 
+def decode_image(path: str, size: int, mode: str) -> np.ndarray:
+    """One image file as uint8 [size, size, channels]: converted to mode ("L" or "RGB"), short side resized to
+    size (bicubic), center-cropped to a square. Raises OSError (PIL's errors included) on a bad file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            w, h = img.size
+            scale = size / min(w, h)
+            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            left, top = (new_w - size) // 2, (new_h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            return np.asarray(img).reshape(size, size, 1 if mode == "L" else 3)
+    except (UnidentifiedImageError, ValueError) as exc:  # PIL's "not an image" and bad-header errors
+        raise OSError(str(exc)) from None
+
+
 def load_image_folder(folder: Union[str, os.PathLike], size: int = 64, channels: int = 3) -> torch.Tensor:
     """Every image under ``folder`` as float32 [N, channels, size, size] in [-1, 1].
 
@@ -199,15 +218,7 @@ def load_image_folder(folder: Union[str, os.PathLike], size: int = 64, channels:
     mode = "L" if channels == 1 else "RGB"
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-                w, h = img.size
-                scale = size / min(w, h)
-                new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-                left, top = (new_w - size) // 2, (new_h - size) // 2
-                img = img.crop((left, top, left + size, top + size))
-                pixels[i] = np.asarray(img).reshape(size, size, channels)
+            pixels[i] = decode_image(path, size, mode)
         except OSError as exc:
             raise ValueError(f"{path}: cannot read image ({exc})") from None
     return _to_unit_range(pixels).permute(0, 3, 1, 2).contiguous()
@@ -337,6 +348,20 @@ def load_dataset(
 Batch = Union[torch.Tensor, tuple]
 
 
+def epoch_permutation(num_samples: int, seed: int, epoch: int, world_size: int = 1) -> torch.Tensor:
+    """Epoch ``epoch``'s global permutation of range(num_samples), padded (with its own head) to a multiple of
+    world_size; rank r takes positions r::world_size. Shared by the in-memory and the streaming loader, so
+    both serve the same batches for the same seed."""
+    # SeedSequence mixes (seed, epoch) so no two pairs share a stream.
+    mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0])
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(mixed))
+    shard_size = math.ceil(num_samples / world_size)
+    padding = shard_size * world_size - num_samples
+    if padding:
+        perm = torch.cat([perm, perm.repeat(math.ceil(padding / num_samples))[:padding]])
+    return perm
+
+
 class InMemoryLoader:
     """Endless, reproducible, resumable shuffled batches over in-memory tensors.
 
@@ -382,14 +407,7 @@ class InMemoryLoader:
         self._shard: torch.Tensor | None = None
 
     def epoch_permutation(self, epoch: int) -> torch.Tensor:
-        """This epoch's global permutation, padded (with its own head) to a multiple of world_size."""
-        # SeedSequence mixes (seed, epoch) so no two pairs share a stream.
-        mixed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0])
-        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(mixed))
-        padding = self.shard_size * self.world_size - self.num_samples
-        if padding:
-            perm = torch.cat([perm, perm.repeat(math.ceil(padding / self.num_samples))[:padding]])
-        return perm
+        return epoch_permutation(self.num_samples, self.seed, epoch, self.world_size)
 
     def _current_shard(self) -> torch.Tensor:
         if self._shard_epoch != self.epoch:

@@ -113,7 +113,7 @@ def test_expected_input_shape():
 
 
 def test_bad_arguments_raise():
-    assert set(MODEL_NAMES) == {"dcgan28", "dcgan64", "mlp"}
+    assert set(MODEL_NAMES) == {"dcgan28", "dcgan64", "mlp", "unet"}
     with pytest.raises(ValueError, match="name must be one of"):
         build_model("resnet")
     with pytest.raises(ValueError, match="norm"):
@@ -136,3 +136,26 @@ def test_models_run_on_device(device):
         model = model.to(device)
         x = torch.zeros(2, *expected_input_shape(model), device=device)
         assert model(x).shape == x.shape
+
+
+@pytest.mark.parametrize("channels, size, depth", [(1, 28, 3), (3, 32, 3), (3, 64, 4)])
+def test_unet_maps_images_to_their_shape_in_the_tanh_range(channels, size, depth):
+    from ign_fast.models import UNet, build_model, expected_input_shape
+
+    model = UNet(channels, size, width=8, depth=depth)
+    x = torch.rand(2, channels, size, size) * 2 - 1
+    y = model(x)
+    assert y.shape == x.shape and y.abs().max() <= 1
+    assert expected_input_shape(model) == (channels, size, size)
+    assert isinstance(build_model(**model.config), UNet)
+    y.square().mean().backward()  # every parameter reaches the output (the skips and the bottleneck)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_unet_refuses_sizes_its_depth_cannot_halve():
+    from ign_fast.models import UNet
+
+    with pytest.raises(ValueError, match=r"image_size must be divisible by 2\^\(depth-1\) = 8 for depth 4, got 28"):
+        UNet(1, 28, depth=4)
+    with pytest.raises(ValueError, match=r"unet expects input \[B, 1, 28, 28\]"):
+        UNet(1, 28, width=8, depth=3)(torch.zeros(2, 1, 32, 32))
