@@ -1,5 +1,8 @@
 """The Triton kernels (kernels/ign_loss.py, kernels/per_sample_distance.py) against the reference. Without a
 GPU they run under TRITON_INTERPRET=1 (tests/conftest.py sets it), so sizes stay small."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -381,3 +384,49 @@ def test_nearest_neighbors_triton_is_a_registered_op(use_triton, device):
     ref = reference.nearest_neighbors(q, c, "l2")
     assert torch.equal(index, ref[0])
     torch.testing.assert_close(distance, ref[1])
+
+
+PTX_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)  # compile for a real GPU target (no GPU is needed to compile)
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ign_fast.kernels import ign_loss as K
+SCALARS = ("lambda_rec", "lambda_idem", "lambda_tight", "ratio")
+def ptx(fn, acc, consts):
+    sig = {}
+    for p in fn.params:
+        if p.name in consts:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*fp64" if acc == tl.float64 else "*fp32"
+        elif p.name in SCALARS:  # as triton types a Python float argument: its annotation, else fp32
+            sig[p.name] = p.annotation_type or "fp32"
+        else:
+            sig[p.name] = "i32"
+    names = list(sig)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+for acc in (tl.float64, tl.float32):
+    common = dict(HAS_CLAMP=True, ACC=acc, EPS=1e-12, LIMIT=20.0)
+    fin = ptx(K._finalize_kernel, acc, dict(BLOCK_R=4, **common))
+    bwd = ptx(K._backward_kernel, acc, dict(L1=True, ALIASED=False, HAS_ROW_GRADS=True, WRITE_X=True, CHUNK=256,
+                                            BLOCK=256, **common))
+    print(acc, fin.count(".param .f64"), bwd.count(".param .f64"), fin.count("ex2.approx"),
+          bwd.count("mul.rn.f64") + bwd.count("fma.rn.f64"))
+"""
+
+
+def test_compiled_kernels_take_lambdas_and_ratio_as_float64():
+    """What the interpreter cannot show (it passes Python floats through unconverted): compiled for an sm_90
+    target, the loss kernels take λ and the clamp ratio as float64 parameters; the float64 kernels use the
+    exact exp (no ex2.approx); the float32 backward does no float64 arithmetic. Needs triton's bundled ptxas,
+    not a GPU; in a subprocess because this process runs triton in interpreter mode."""
+    out = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in out.stdout.splitlines()}
+    f64_params_fin, f64_params_bwd, approx_exp, f64_math = rows["fp64"]
+    assert (f64_params_fin, f64_params_bwd, approx_exp) == (4, 4, 0) and f64_math > 0, out.stdout
+    f64_params_fin, f64_params_bwd, _, f64_math = rows["fp32"]
+    assert (f64_params_fin, f64_params_bwd, f64_math) == (4, 4, 0), out.stdout
