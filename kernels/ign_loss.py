@@ -35,7 +35,7 @@ _T15 = tl.constexpr(-929569.0 / 638512875.0)
 def _tanh(v):
     # tl has no tanh that both the GPU and the interpreter know (libdevice is GPU-only). Away from 0,
     # (1 - e)/(1 + e) with e = exp(-2|v|) loses at most a few ulp (1 - e >= 0.22 there; tl.exp is libdevice's
-    # exact exp in float64, ex2.approx in float32). Near 0 that form cancels (relative error ~ulp/|v|), so
+    # __nv_exp, within 1 ulp, in float64, ex2.approx in float32). Near 0 that form cancels (~ulp/|v|), so
     # use the series there. Python-float constants meet a float64 operand as float64 (triton's
     # binary_op_type_checking_impl builds them at the operand's type), so nothing here rounds to float32.
     a = tl.abs(v)
