@@ -26,6 +26,14 @@ def set_backend(name):
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     _backend = name
+    if name == "triton":
+        # Register the Triton ops now, outside any torch.compile region: torch.compile cannot trace the
+        # registration (torch.library.triton_op), only calls of ops already registered. Without triton the
+        # backend still works: every op falls back (kernel_path).
+        try:
+            triton_ops()
+        except ImportError:
+            pass
 
 
 def get_backend():
@@ -294,15 +302,17 @@ if HAS_C:
 # Triton twins of the ops above (kernels/ in the source tree): same schemas, fake kernels and autograd.
 
 class _TritonOps:
-    def __init__(self, per_sample_distance, ign_loss):
+    def __init__(self, per_sample_distance, ign_loss, nearest_neighbors):
         self.per_sample_distance = per_sample_distance
         self.ign_loss = ign_loss
+        self.nearest_neighbors = nearest_neighbors
 
 
 def _register_triton_ops():
     from torch import Tensor
 
     from .kernels import ign_loss as ign_loss_kernels
+    from .kernels import nearest_neighbors as neighbor_kernels
     from .kernels import per_sample_distance as distance_kernels
 
     @torch.library.triton_op("ign_fast::per_sample_distance_triton", mutates_args=())
@@ -353,7 +363,15 @@ def _register_triton_ops():
     ign_loss_backward_triton.register_fake(_ign_loss_backward_fake)
     ign_loss_triton.register_autograd(_make_ign_loss_backward(ign_loss_backward_triton),
                                       setup_context=_ign_loss_setup)
-    return _TritonOps(per_sample_distance_triton, ign_loss_triton)
+
+    # Registered like the others so torch.compile sees one op (with a fake kernel) instead of a Python
+    # function it cannot trace. Not differentiable: the index is discrete (see nearest_neighbors).
+    @torch.library.triton_op("ign_fast::nearest_neighbors_triton", mutates_args=())
+    def nearest_neighbors_triton(queries: Tensor, candidates: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+        return neighbor_kernels.nearest_neighbors_triton(queries, candidates, metric)
+
+    nearest_neighbors_triton.register_fake(_nearest_neighbors_fake)
+    return _TritonOps(per_sample_distance_triton, ign_loss_triton, nearest_neighbors_triton)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,22 +405,24 @@ def nearest_neighbors(queries, candidates, metric="l2"):
                          f"got shape {tuple(candidates.shape)}")
     q = queries.reshape(queries.shape[0], width)
     c = candidates.reshape(candidates.shape[0], width)
-    if _backend == "triton":
-        from .kernels.nearest_neighbors import nearest_neighbors_triton
-
-        return nearest_neighbors_triton(q, c, metric)
+    # kernel_path, as every op: "triton" only where Triton can run, so set_backend("triton") with CPU tensors
+    # (and no interpreter) takes the C++ kernel or the reference instead of raising
+    path = kernel_path(q)
+    if path == "triton":
+        return triton_ops().nearest_neighbors(q, c, metric)
     # the CUDA kernel packs (float32 distance, index) into one 64-bit word: float64 on CUDA uses the reference
-    if native_available(q) and not (q.is_cuda and q.dtype == torch.float64):
+    if path == "native" and not (q.is_cuda and q.dtype == torch.float64):
         return torch.ops.ign_fast.nearest_neighbors(q, c, metric)
     return reference.nearest_neighbors(q, c, metric)
 
 
-if HAS_C:
+def _nearest_neighbors_fake(queries, candidates, metric):
+    torch._check(queries.dim() == 2 and candidates.dim() == 2, lambda: "queries and candidates must be 2-D")
+    torch._check(queries.shape[1] == candidates.shape[1], lambda: "queries and candidates must share D")
+    batch = queries.shape[0]
+    return (queries.new_empty((batch,), dtype=torch.int64),
+            queries.new_empty((batch,), dtype=reference.accumulate_dtype(queries.dtype)))
 
-    @torch.library.register_fake("ign_fast::nearest_neighbors")
-    def _nearest_neighbors_fake(queries, candidates, metric):
-        torch._check(queries.dim() == 2 and candidates.dim() == 2, lambda: "queries and candidates must be 2-D")
-        torch._check(queries.shape[1] == candidates.shape[1], lambda: "queries and candidates must share D")
-        batch = queries.shape[0]
-        return (queries.new_empty((batch,), dtype=torch.int64),
-                queries.new_empty((batch,), dtype=reference.accumulate_dtype(queries.dtype)))
+
+if HAS_C:
+    torch.library.register_fake("ign_fast::nearest_neighbors")(_nearest_neighbors_fake)

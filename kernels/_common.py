@@ -1,5 +1,7 @@
 """Pieces shared by the Triton kernels: the distance term and its derivative, and the launch plan of a
 per-row reduction split into chunks (one program per (row, chunk))."""
+import contextlib
+
 import triton
 import triton.language as tl
 
@@ -14,6 +16,18 @@ def launch_plan(n):
     chunk = min(triton.next_power_of_2(n), MAX_CHUNK)
     block = min(chunk, MAX_BLOCK)
     return chunk, block, triton.cdiv(n, chunk)
+
+
+def on_device(t):
+    """The context a launch for tensor t must run in. Triton launches on the current CUDA device, not on the
+    device of the tensors it is given: without this, tensors on cuda:1 would be handed to a kernel running
+    on cuda:0 (an illegal address, or another GPU's memory read through peer access). CPU tensors (the
+    interpreter) need nothing."""
+    import torch
+
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def acc_dtype(dtype):

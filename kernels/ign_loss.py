@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import acc_dtype, distance_derivative, distance_term, launch_plan
+from ._common import acc_dtype, distance_derivative, distance_term, launch_plan, on_device
 
 # ign_fast.reference.CLAMP_SCALE_EPS and CLAMP_ARG_LIMIT
 CLAMP_SCALE_EPS = 1e-12
@@ -20,17 +20,41 @@ CLAMP_ARG_LIMIT = 20.0
 FINALIZE_ROWS = 256
 
 
+# Taylor coefficients of tanh(v)/v in powers of v^2, through v^14. On |v| < 1/8 the first omitted term
+# (0.00059·v^16) is below 2.1e-18 relative: exact to float64, not only to float32.
+_T3 = tl.constexpr(-1.0 / 3.0)
+_T5 = tl.constexpr(2.0 / 15.0)
+_T7 = tl.constexpr(-17.0 / 315.0)
+_T9 = tl.constexpr(62.0 / 2835.0)
+_T11 = tl.constexpr(-1382.0 / 155925.0)
+_T13 = tl.constexpr(21844.0 / 6081075.0)
+_T15 = tl.constexpr(-929569.0 / 638512875.0)
+
+
 @triton.jit
 def _tanh(v):
-    # tl has no tanh that both the GPU and the interpreter know. Near 0 the exp form cancels (relative error
-    # ~1e-7/|v|), so use the Taylor series there (truncation < 2e-9 relative for |v| < 1/8).
+    # tl has no tanh that both the GPU and the interpreter know (libdevice is GPU-only). Away from 0,
+    # (1 - e)/(1 + e) with e = exp(-2|v|) loses at most a few ulp (1 - e >= 0.22 there; tl.exp is libdevice's
+    # __nv_exp, within 1 ulp, in float64, ex2.approx in float32). Near 0 that form cancels (~ulp/|v|), so
+    # use the series there. Python-float constants meet a float64 operand as float64 (triton's
+    # binary_op_type_checking_impl builds them at the operand's type), so nothing here rounds to float32.
     a = tl.abs(v)
     e = tl.exp(-2.0 * a)
     far = (1.0 - e) / (1.0 + e)
     v2 = a * a
-    near = a * (1.0 + v2 * (-1.0 / 3.0 + v2 * (2.0 / 15.0 + v2 * (-17.0 / 315.0))))
+    near = a * (1.0 + v2 * (_T3 + v2 * (_T5 + v2 * (_T7 + v2 * (_T9 + v2 * (_T11 + v2 * (_T13 + v2 * _T15)))))))
     r = tl.where(a < 0.125, near, far)
     return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _scalars(lambda_rec, lambda_idem, lambda_tight, ratio, ACC: tl.constexpr):
+    # The float arguments are annotated tl.float64: unannotated, a compiled kernel takes a Python float as
+    # float32, and λ and the clamp ratio of a float64 loss would be rounded to 7 digits. They are brought
+    # to the accumulation type here, so a float32 loss still computes in float32. (The interpreter passes
+    # Python floats through unconverted; tl.full builds the same ACC value from either.)
+    return (tl.full([], lambda_rec, ACC), tl.full([], lambda_idem, ACC), tl.full([], lambda_tight, ACC),
+            tl.full([], ratio, ACC))
 
 
 @triton.jit
@@ -90,8 +114,10 @@ def _partials_kernel(x_ptr, fx_ptr, fz_ptr, fi_ptr, ft_ptr, part_ptr, n, batch_x
 
 @triton.jit
 def _finalize_kernel(part_ptr, total_ptr, rec_ptr, idem_ptr, tight_ptr, raw_ptr, n, batch_x, batch_z, rows, chunks,
-                     lambda_rec, lambda_idem, lambda_tight, ratio, HAS_CLAMP: tl.constexpr, BLOCK_R: tl.constexpr,
-                     ACC: tl.constexpr, EPS: tl.constexpr, LIMIT: tl.constexpr):
+                     lambda_rec: tl.float64, lambda_idem: tl.float64, lambda_tight: tl.float64, ratio: tl.float64,
+                     HAS_CLAMP: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+                     LIMIT: tl.constexpr):
+    lambda_rec, lambda_idem, lambda_tight, ratio = _scalars(lambda_rec, lambda_idem, lambda_tight, ratio, ACC)
     offs = tl.arange(0, BLOCK_R)
     plane = rows * chunks
     sum_rec = tl.zeros([BLOCK_R], ACC)
@@ -131,10 +157,12 @@ def _finalize_kernel(part_ptr, total_ptr, rec_ptr, idem_ptr, tight_ptr, raw_ptr,
 @triton.jit
 def _backward_kernel(x_ptr, fx_ptr, fz_ptr, fi_ptr, ft_ptr, gx_ptr, gfx_ptr, gfz_ptr, gi_ptr, gt_ptr,
                      g_total_ptr, g_rec_ptr, g_idem_ptr, g_tight_ptr, rec_ptr, raw_ptr, n, batch_x, batch_z,
-                     lambda_rec, lambda_idem, lambda_tight, ratio, L1: tl.constexpr, ALIASED: tl.constexpr,
+                     lambda_rec: tl.float64, lambda_idem: tl.float64, lambda_tight: tl.float64, ratio: tl.float64,
+                     L1: tl.constexpr, ALIASED: tl.constexpr,
                      HAS_CLAMP: tl.constexpr, HAS_ROW_GRADS: tl.constexpr, WRITE_X: tl.constexpr,
                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                      LIMIT: tl.constexpr):
+    lambda_rec, lambda_idem, lambda_tight, ratio = _scalars(lambda_rec, lambda_idem, lambda_tight, ratio, ACC)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     base = row.to(tl.int64) * n
@@ -203,18 +231,19 @@ def forward(x, fx, fz, f_fz, ff_z, kind, lambda_rec, lambda_idem, lambda_tight, 
     chunk, block, chunks = launch_plan(n)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partials = torch.empty((3, rows, chunks), device=x.device, dtype=acc)
-    wrap_triton(_partials_kernel)[(rows, chunks)](
-        x, fx, fz, f_fz, ff_z, partials, n, batch_x, batch_z, rows, chunks, L1=kind == "l1", ALIASED=aliased,
-        CHUNK=chunk, BLOCK=block, ACC=acc_dtype(x.dtype))
     total = torch.empty((), device=x.device, dtype=acc)
     rec = torch.empty((batch_x,), device=x.device, dtype=acc)
     idem, tight, raw = (torch.empty((batch_z,), device=x.device, dtype=acc) for _ in range(3))
     has_clamp = tight_clamp_ratio is not None
-    wrap_triton(_finalize_kernel)[(1,)](
-        partials, total, rec, idem, tight, raw, n, batch_x, batch_z, rows, chunks, float(lambda_rec),
-        float(lambda_idem), float(lambda_tight), float(tight_clamp_ratio) if has_clamp else 1.0,
-        HAS_CLAMP=has_clamp, BLOCK_R=min(FINALIZE_ROWS, triton.next_power_of_2(rows)), ACC=acc_dtype(x.dtype),
-        EPS=CLAMP_SCALE_EPS, LIMIT=CLAMP_ARG_LIMIT)
+    with on_device(x):
+        wrap_triton(_partials_kernel)[(rows, chunks)](
+            x, fx, fz, f_fz, ff_z, partials, n, batch_x, batch_z, rows, chunks, L1=kind == "l1", ALIASED=aliased,
+            CHUNK=chunk, BLOCK=block, ACC=acc_dtype(x.dtype))
+        wrap_triton(_finalize_kernel)[(1,)](
+            partials, total, rec, idem, tight, raw, n, batch_x, batch_z, rows, chunks, float(lambda_rec),
+            float(lambda_idem), float(lambda_tight), float(tight_clamp_ratio) if has_clamp else 1.0,
+            HAS_CLAMP=has_clamp, BLOCK_R=min(FINALIZE_ROWS, triton.next_power_of_2(rows)), ACC=acc_dtype(x.dtype),
+            EPS=CLAMP_SCALE_EPS, LIMIT=CLAMP_ARG_LIMIT)
     return total, rec, idem, tight, raw
 
 
@@ -239,11 +268,14 @@ def backward(grad_total, grad_rec, grad_idem, grad_tight, x, fx, fz, f_fz, ff_z,
     grad_fx = torch.empty_like(x)
     grad_fz, grad_f_fz, grad_ff_z = (torch.empty_like(fz) for _ in range(3))
     has_clamp = tight_clamp_ratio is not None
-    wrap_triton(_backward_kernel)[(rows, chunks)](
-        x, fx, fz, f_fz, ff_z, grad_x if compute_grad_x else grad_fx, grad_fx, grad_fz, grad_f_fz, grad_ff_z,
-        grad_total.to(acc).contiguous(), grad_rec, grad_idem, grad_tight, rec.contiguous(),
-        tight_unclamped.contiguous(), n, batch_x, batch_z, float(lambda_rec), float(lambda_idem),
-        float(lambda_tight), float(tight_clamp_ratio) if has_clamp else 1.0, L1=kind == "l1", ALIASED=aliased,
-        HAS_CLAMP=has_clamp, HAS_ROW_GRADS=has_row_grads, WRITE_X=compute_grad_x, CHUNK=chunk, BLOCK=block,
-        ACC=acc_dtype(x.dtype), EPS=CLAMP_SCALE_EPS, LIMIT=CLAMP_ARG_LIMIT)
+    g_total = grad_total.to(acc).contiguous()
+    rec, tight_unclamped = rec.contiguous(), tight_unclamped.contiguous()
+    with on_device(x):
+        wrap_triton(_backward_kernel)[(rows, chunks)](
+            x, fx, fz, f_fz, ff_z, grad_x if compute_grad_x else grad_fx, grad_fx, grad_fz, grad_f_fz, grad_ff_z,
+            g_total, grad_rec, grad_idem, grad_tight, rec, tight_unclamped, n, batch_x, batch_z, float(lambda_rec),
+            float(lambda_idem), float(lambda_tight), float(tight_clamp_ratio) if has_clamp else 1.0,
+            L1=kind == "l1", ALIASED=aliased, HAS_CLAMP=has_clamp, HAS_ROW_GRADS=has_row_grads,
+            WRITE_X=compute_grad_x, CHUNK=chunk, BLOCK=block, ACC=acc_dtype(x.dtype), EPS=CLAMP_SCALE_EPS,
+            LIMIT=CLAMP_ARG_LIMIT)
     return grad_x, grad_fx, grad_fz, grad_f_fz, grad_ff_z

@@ -1,4 +1,5 @@
-"""Triton kernel of ign_fast.nearest_neighbors (selected by ign_fast.set_backend("triton")).
+"""Triton kernel of ign_fast.nearest_neighbors (selected by ign_fast.set_backend("triton"); registered as the
+op ign_fast::nearest_neighbors_triton in ign_fast/ops.py so torch.compile can trace it).
 
 Each program takes BLOCK_Q queries and one contiguous split of the candidates, walks the split in tiles of
 BLOCK_C candidates, and for each tile sums |q - c| or (q - c)^2 over D in chunks of BLOCK_D from direct
@@ -17,6 +18,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import on_device
 
 
 @triton.jit
@@ -94,10 +98,12 @@ def nearest_neighbors_triton(queries, candidates, metric="l2", *, block_q=16, bl
     splits = triton.cdiv(candidate_tiles, tiles_per_split)
     part_dist = torch.empty((splits, batch), dtype=acc_dtype, device=q.device)
     part_idx = torch.empty((splits, batch), dtype=torch.int64, device=q.device)
-    _nearest_neighbors_kernel[(query_blocks, splits)](
-        q, c, part_dist, part_idx, batch, count, width, tiles_per_split * block_c,
-        L1=metric == "l1", ACC=acc, BLOCK_Q=block_q, BLOCK_C=block_c, BLOCK_D=block_d,
-        D_BLOCKS=triton.cdiv(width, block_d), C_TILES=tiles_per_split)
+    # wrap_triton: the launch is traceable inside the triton_op ign_fast::nearest_neighbors_triton (ops.py)
+    with on_device(q):
+        wrap_triton(_nearest_neighbors_kernel)[(query_blocks, splits)](
+            q, c, part_dist, part_idx, batch, count, width, tiles_per_split * block_c,
+            L1=metric == "l1", ACC=acc, BLOCK_Q=block_q, BLOCK_C=block_c, BLOCK_D=block_d,
+            D_BLOCKS=triton.cdiv(width, block_d), C_TILES=tiles_per_split)
     # merge the splits in order: torch.min over a dim returns the first of equal minima, i.e. the lowest split
     distance, split = part_dist.min(dim=0)
     index = part_idx.gather(0, split[None, :])[0]

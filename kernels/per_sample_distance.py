@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import acc_dtype, distance_derivative, distance_term, launch_plan
+from ._common import acc_dtype, distance_derivative, distance_term, launch_plan, on_device
 
 
 @triton.jit
@@ -54,8 +54,9 @@ def forward(a, b, kind):
     chunk, block, chunks = launch_plan(n)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     partials = torch.empty((rows, chunks), device=a.device, dtype=acc)
-    wrap_triton(_partials_kernel)[(rows, chunks)](a, b, partials, n, chunks, L1=kind == "l1", CHUNK=chunk,
-                                                   BLOCK=block, ACC=acc_dtype(a.dtype))
+    with on_device(a):
+        wrap_triton(_partials_kernel)[(rows, chunks)](a, b, partials, n, chunks, L1=kind == "l1", CHUNK=chunk,
+                                                       BLOCK=block, ACC=acc_dtype(a.dtype))
     return partials.sum(dim=1) / n
 
 
@@ -65,6 +66,7 @@ def backward(grad, a, b, kind):
     chunk, block, chunks = launch_plan(n)
     grad_a = torch.empty_like(a)
     grad_b = torch.empty_like(a)
-    wrap_triton(_backward_kernel)[(rows, chunks)](grad, a, b, grad_a, grad_b, n, L1=kind == "l1", CHUNK=chunk,
-                                                   BLOCK=block, ACC=acc_dtype(a.dtype))
+    with on_device(a):
+        wrap_triton(_backward_kernel)[(rows, chunks)](grad, a, b, grad_a, grad_b, n, L1=kind == "l1", CHUNK=chunk,
+                                                       BLOCK=block, ACC=acc_dtype(a.dtype))
     return grad_a, grad_b

@@ -15,6 +15,50 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
+# The kernel tests (modules marked `pytestmark = pytest.mark.kernels`) compare the compiled kernels with
+# ign_fast.reference. Where the extension did not load, every op runs the reference, and those tests would
+# compare the reference with itself and pass: they fail instead (_kernels_built below). Only
+# IGN_FAST_DISABLE_EXTENSION (read as ign_fast._extension reads it) turns the extension off on purpose; then
+# the kernel tests run the reference path and the tests that need the compiled ops skip.
+EXTENSION_OFF_ON_PURPOSE = os.environ.get("IGN_FAST_DISABLE_EXTENSION", "") not in ("", "0")
+requires_ext = pytest.mark.skipif(
+    EXTENSION_OFF_ON_PURPOSE, reason="IGN_FAST_DISABLE_EXTENSION is set: the compiled extension is off on purpose")
+
+
+def kernels_missing():
+    """Why the compiled kernels the kernel tests exist for are missing here, or None."""
+    import ign_fast
+
+    info = ign_fast.build_info()
+    if EXTENSION_OFF_ON_PURPOSE:
+        return None
+    if not info["extension_loaded"]:
+        return (f"ign_fast's compiled extension did not load ({info['extension_error']}): the kernel tests would "
+                "compare the reference with itself. Build it (make setup, or pip install --no-build-isolation "
+                "-e .), or set IGN_FAST_DISABLE_EXTENSION=1 to test the pure-PyTorch path on purpose.")
+    if CUDA and not info["cuda_built"]:
+        return ("a CUDA GPU is present but ign_fast was built without its CUDA kernels: the CUDA tests would "
+                "run the reference. Rebuild with the CUDA toolkit (CUDA_HOME set; IGN_FAST_CUDA=1 forces it).")
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _kernels_built(request):
+    if request.node.get_closest_marker("kernels") is not None:
+        problem = kernels_missing()
+        if problem is not None:
+            pytest.fail(problem, pytrace=False)
+
+
+def assert_native(t):
+    """The ops run a compiled kernel for tensors like t, so the comparison with the reference is a test of
+    that kernel (the reference path when the extension is off on purpose)."""
+    from ign_fast import ops
+
+    expected = "torch" if EXTENSION_OFF_ON_PURPOSE else "native"
+    assert ops.kernel_path(t) == expected, (f"ops.kernel_path({t.device}) is {ops.kernel_path(t)!r}, "
+                                            f"expected {expected!r} (backend {ops.get_backend()!r})")
+
 
 def devices():
     return ["cpu"] + (["cuda"] if CUDA else [])

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 import ign_fast
 from ign_fast import reference
 
+pytestmark = pytest.mark.kernels  # conftest: fails where the compiled extension did not load
+
 VALID_EXAMPLES = 300
 BAD_EXAMPLES = 150
 FUZZ = settings(max_examples=VALID_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],

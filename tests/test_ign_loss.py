@@ -8,12 +8,11 @@ from torch.library import opcheck
 
 import ign_fast
 from ign_fast import ops, reference
-from ign_fast._extension import HAS_C
 from ign_fast.objectives import IGNLoss
 
-from conftest import devices
+from conftest import assert_native, devices, requires_ext
 
-requires_ext = pytest.mark.skipif(not HAS_C, reason="compiled extension not built")
+pytestmark = pytest.mark.kernels
 
 ROLES = ("x", "fx", "fz", "f_fz", "ff_z")
 CONFIGS = [("l1", 1.5), ("l1", None), ("l2", 1.5), ("l2", None)]
@@ -50,6 +49,7 @@ def ref(*inputs, **config):
 
 
 def assert_matches_reference(inputs, atol, rtol, weights=None, **config):
+    assert_native(inputs[0])
     out, grads = loss_and_grads(fused, inputs, weights, **config)
     ref_out, ref_grads = loss_and_grads(ref, inputs, weights, **config)
     for name, a, b in zip(("total", "rec", "idem", "tight"), out, ref_out):
@@ -282,8 +282,7 @@ def test_ignloss_module_uses_the_op_and_matches_reference():
                                         lambda_tight=2.5, tight_clamp_ratio=1.5)
     for a, b in zip(out + grads, ref_out + ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    if HAS_C:
-        assert ops.kernel_path(inputs[0]) == "native"
+    assert_native(inputs[0])
     ign_fast.set_backend("torch")
     try:
         assert ops.kernel_path(inputs[0]) == "torch"

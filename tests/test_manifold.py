@@ -121,6 +121,23 @@ def test_auroc_on_constructed_cases():
     assert manifold.auroc([0, 1], [1, 2]) == 0.875
 
 
+def test_auroc_hand_computed_with_ties():
+    # in [1, 2, 2, 3] vs out [2, 3, 3, 4], pair by pair (out > in: 1, equal: 1/2):
+    #   in 1: 2 3 3 4 all higher            -> 4
+    #   in 2 (twice): 2 ties, 3 3 4 higher  -> 2 x 3.5 = 7
+    #   in 3: 2 lower, 3 3 tie, 4 higher    -> 0 + 0.5 + 0.5 + 1 = 2
+    # 13 of 16 pairs
+    assert manifold.auroc([1, 2, 2, 3], [2, 3, 3, 4]) == 13 / 16
+    # the order of the scores does not matter, and swapping the roles gives 1 - AUROC
+    assert manifold.auroc(torch.tensor([3.0, 2, 1, 2]), torch.tensor([4.0, 3, 2, 3])) == 13 / 16
+    assert manifold.auroc([2, 3, 3, 4], [1, 2, 2, 3]) == 3 / 16
+    # separated except for a tie at the boundary: in [0, 0, 1] vs out [1, 1] -> 4 higher + 2 ties = 5 of 6
+    assert manifold.auroc([0, 0, 1], [1, 1]) == 5 / 6
+    # one score each: higher, equal, lower
+    assert (manifold.auroc([0.0], [1e-300]), manifold.auroc([7.0], [7.0]), manifold.auroc([1.0], [-1.0])) == (
+        1.0, 0.5, 0.0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-3, 3), min_size=1, max_size=12), st.lists(st.integers(-3, 3), min_size=1, max_size=12))
 def test_auroc_matches_the_pairwise_definition_with_ties(scores_in, scores_out):

@@ -14,9 +14,9 @@ import ign_fast
 from ign_fast import reference
 from ign_fast._extension import HAS_C
 
-from conftest import devices, requires_cuda
+from conftest import assert_native, devices, requires_cuda, requires_ext
 
-requires_ext = pytest.mark.skipif(not HAS_C, reason="compiled extension not built")
+pytestmark = pytest.mark.kernels
 
 # Relative distance gap under which two candidates count as a near tie for float32 / bf16 arithmetic: there
 # the returned index may be either, and only its distance is checked.
@@ -69,6 +69,7 @@ def assert_nearest(q, c, metric, index, distance, exact):
 def test_matches_cdist_argmin(device, metric, batch, count, width):
     q = torch.randn(batch, width, device=device, dtype=torch.float64)
     c = torch.randn(count, width, device=device, dtype=torch.float64)
+    assert_native(q)
     index, distance = ign_fast.nearest_neighbors(q, c, metric)
     assert distance.dtype == torch.float64
     assert_nearest(q, c, metric, index, distance, exact=True)

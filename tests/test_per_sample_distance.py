@@ -1,4 +1,5 @@
 """ign_fast::per_sample_distance against the plain PyTorch reference, through the op registry."""
+import os
 import subprocess
 import sys
 
@@ -8,11 +9,10 @@ from torch.library import opcheck
 
 import ign_fast
 from ign_fast import reference
-from ign_fast._extension import HAS_C
 
-from conftest import devices
+from conftest import assert_native, devices, requires_cuda, requires_ext
 
-requires_ext = pytest.mark.skipif(not HAS_C, reason="compiled extension not built")
+pytestmark = pytest.mark.kernels
 
 # (atol, rtol) of the op against the float64 reference, per input dtype
 TOLERANCES = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 1e-5)}
@@ -32,6 +32,7 @@ def naive_distance(a, b, kind):
 def test_forward_matches_naive(device, kind, shape, dtype):
     a = torch.randn(shape, device=device).to(dtype)
     b = torch.randn(shape, device=device).to(dtype)
+    assert_native(a)
     out = ign_fast.per_sample_distance(a, b, kind)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     atol, rtol = TOLERANCES[dtype]
@@ -52,6 +53,7 @@ def test_backward_matches_reference(device, kind):
     a = torch.randn(5, 3, 9, 11, device=device, requires_grad=True)
     b = torch.randn(5, 3, 9, 11, device=device, requires_grad=True)
     w = torch.randn(5, device=device)
+    assert_native(a)
     (ign_fast.per_sample_distance(a, b, kind) * w).sum().backward()
     ga, gb = a.grad, b.grad
     a.grad = b.grad = None
@@ -136,6 +138,58 @@ def test_torch_compile_traces_the_op():
     out.backward()
     torch.testing.assert_close(out, reference.per_sample_distance(a, b).sum())
     torch.testing.assert_close(a.grad, torch.sign(a - b).detach() / 10)
+
+
+@requires_cuda
+@requires_ext
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_forward_is_bitwise_repeatable_on_long_rows(kind, dtype):
+    # Rows longer than one chunk (8,192 elements) are reduced by several blocks. Their partials used to be
+    # merged with atomicAdd, in whatever order the blocks finished; now they are added in chunk order.
+    # 100,003 elements: 13 chunks, the last one partial. The batch mixes it with one-chunk rows' shapes too.
+    for shape in [(3, 100_003), (2, 8192), (2, 8193), (1, 1, 317, 317)]:
+        a = torch.randn(shape, device="cuda", dtype=dtype)
+        b = torch.randn(shape, device="cuda", dtype=dtype)
+        assert_native(a)
+        first = torch.ops.ign_fast.per_sample_distance(a, b, kind)
+        for _ in range(20):
+            assert torch.equal(torch.ops.ign_fast.per_sample_distance(a, b, kind), first), shape
+        atol, rtol = TOLERANCES[dtype]
+        torch.testing.assert_close(first.double().cpu(), naive_distance(a.cpu(), b.cpu(), kind), atol=atol, rtol=rtol)
+
+
+BLOCK_EXTENSION = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ign_fast._C":
+            raise ImportError("blocked by the test: as if the build had failed")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_kernel_tests_fail_when_the_extension_did_not_load(tmp_path, disabled):
+    """Without the compiled extension every op runs the reference, so a kernel test would compare it with
+    itself and pass: conftest fails the kernel tests instead, unless IGN_FAST_DISABLE_EXTENSION says so."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_EXTENSION)  # imported at start-up: ign_fast._C fails
+    env = {k: v for k, v in os.environ.items() if k != "IGN_FAST_DISABLE_EXTENSION"}
+    env["PYTHONPATH"] = str(tmp_path)
+    if disabled:
+        env["IGN_FAST_DISABLE_EXTENSION"] = "1"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                          f"{tests}/test_per_sample_distance.py::test_gradcheck_float64",
+                          f"{tests}/test_per_sample_distance.py::test_opcheck"],
+                         env=env, cwd=tests, capture_output=True, text=True, timeout=300)
+    if disabled:  # the reference path on purpose: the comparisons run, the tests of compiled ops skip
+        assert out.returncode == 0, out.stdout[-3000:]
+        assert "2 passed" in out.stdout and "skipped" in out.stdout, out.stdout[-3000:]
+    else:
+        assert out.returncode != 0, out.stdout[-3000:]
+        assert "compiled extension did not load (blocked by the test" in out.stdout, out.stdout[-3000:]
+        assert "passed" not in out.stdout, out.stdout[-3000:]
 
 
 def test_pure_torch_fallback_when_extension_disabled():

@@ -1,7 +1,10 @@
 // CUDA kernels of ign_fast::per_sample_distance and its backward. Forward: rows are split into chunks of
-// a few thousand elements, each chunk reduced by one block into a float partial that is atomically added
-// to its row, so a batch of 1 with a 196k-element row still fills the GPU and a batch of 256 small rows
-// runs one block per row. Backward is elementwise. Launched on the current stream.
+// kChunk elements, each chunk reduced by one block, so a batch of 1 with a 196k-element row still fills the
+// GPU and a batch of 256 small rows runs one block per row. A row of one chunk is written by its block; the
+// partials of longer rows go to a scratch buffer and a second small kernel adds each row's partials in chunk
+// order. No atomics: the result is bitwise repeatable, as ign_loss (which uses the same two-launch scheme)
+// is by design; an atomicAdd merge would add the partials in whatever order the blocks finish. Backward is
+// elementwise. Launched on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,6 +37,8 @@ __device__ acc_t block_sum(acc_t value) {
   return value;
 }
 
+// With chunks_per_row == 1 the block's sum is the row's: it writes the mean to out[row]. Otherwise it writes
+// its partial sum to out[blockIdx.x] (a [batch, chunks_per_row] scratch buffer) for the finalize kernel.
 template <typename scalar_t, typename acc_t, bool kL1>
 __global__ void per_sample_distance_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                                            acc_t* __restrict__ out, int64_t n, int64_t chunks_per_row) {
@@ -48,7 +53,27 @@ __global__ void per_sample_distance_kernel(const scalar_t* __restrict__ a, const
     sum += kL1 ? fabs(d) : d * d;
   }
   sum = block_sum(sum);
-  if (threadIdx.x == 0) atomicAdd(out + row, sum / static_cast<acc_t>(n));
+  if (threadIdx.x == 0) {
+    if (chunks_per_row == 1) {
+      out[row] = sum / static_cast<acc_t>(n);
+    } else {
+      out[blockIdx.x] = sum;
+    }
+  }
+}
+
+// One thread per row adds the row's partials in chunk order (a fixed order, so repeatable) and takes the
+// mean. A row has n / kChunk partials (24 for a 196k-element row): a serial loop is cheaper than a launch of
+// blocks would be.
+template <typename acc_t>
+__global__ void per_sample_distance_finalize_kernel(const acc_t* __restrict__ partials, acc_t* __restrict__ out,
+                                                    int64_t batch, int64_t n, int64_t chunks_per_row) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row >= batch) return;
+  const acc_t* p = partials + row * chunks_per_row;
+  acc_t sum = 0;
+  for (int64_t c = 0; c < chunks_per_row; ++c) sum += p[c];
+  out[row] = sum / static_cast<acc_t>(n);
 }
 
 template <typename scalar_t, typename acc_t, bool kL1>
@@ -68,30 +93,41 @@ __global__ void per_sample_distance_backward_kernel(const acc_t* __restrict__ gr
 at::Tensor per_sample_distance_cuda(const at::Tensor& a, const at::Tensor& b, c10::string_view kind_name) {
   const DistanceKind kind = parse_distance_kind(std::string(kind_name));
   check_pair(a, b, "a", "b");
-  TORCH_CHECK(a.is_cuda(), "ign_fast: per_sample_distance CUDA kernel got a tensor on ", a.device());
+  TORCH_CHECK(a.is_cuda(), "ign_fast: per_sample_distance (CUDA kernel): a must be a CUDA tensor, got one on ",
+              a.device());
   const c10::cuda::CUDAGuard guard(a.device());
   const at::Tensor ac = a.contiguous();
   const at::Tensor bc = b.contiguous();
   const int64_t batch = a.size(0);
-  at::Tensor out = at::zeros({batch}, a.options().dtype(accumulate_dtype(a.scalar_type())));
+  const auto acc_options = a.options().dtype(accumulate_dtype(a.scalar_type()));
+  at::Tensor out = at::empty({batch}, acc_options);
   if (batch == 0) return out;
   const int64_t n = a.numel() / batch;
   const int64_t chunks_per_row = (n + kChunk - 1) / kChunk;
   const int64_t blocks = batch * chunks_per_row;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "ign_fast: per_sample_distance input too large: ", a.sizes());
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "ign_fast: per_sample_distance: a has too many chunks of ", kChunk,
+              " elements for one launch: ", a.sizes());
+  // every block writes its own slot, so an uninitialised buffer is fine
+  const at::Tensor partials = chunks_per_row == 1 ? out : at::empty({batch, chunks_per_row}, acc_options);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "per_sample_distance_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (kind == DistanceKind::L1) {
       per_sample_distance_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
-          ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), n,
+          ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>(), n,
           chunks_per_row);
     } else {
       per_sample_distance_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
-          ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), n,
+          ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>(), n,
           chunks_per_row);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (chunks_per_row > 1) {
+      const int64_t finalize_blocks = (batch + kThreads - 1) / kThreads;
+      per_sample_distance_finalize_kernel<acc_t><<<finalize_blocks, kThreads, 0, stream>>>(
+          partials.const_data_ptr<acc_t>(), out.mutable_data_ptr<acc_t>(), batch, n, chunks_per_row);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return out;
 }
