@@ -10,6 +10,9 @@ from ign_fast.models import DCGAN28, DCGAN64, MLP
 
 from conftest import SkipMLP, requires_cuda
 
+# the steps run the compiled ops: without the extension they would test the reference path only
+pytestmark = pytest.mark.kernels
+
 K = 5
 
 

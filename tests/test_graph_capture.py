@@ -1,4 +1,7 @@
 """CUDA-graph capture safety, checked where no GPU is: HostSyncGuard raises on every op that would make a
+
+# the steps run the compiled ops: without the extension they would test the reference path only
+pytestmark = pytest.mark.kernels
 CUDA device wait for the host, and the updates that mode="graph" captures (graph_step.captured_update for
 IGN and NAIGN: in-place zero_grad, forward, backward, the masked capturable Adam step) run whole under it. On a GPU: NAIGN graph against fused after K steps (IGN's is in test_fused_step.py)."""
 import copy

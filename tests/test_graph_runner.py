@@ -17,6 +17,9 @@ from ign_fast.graph_step import WARMUP_STEPS, GraphRunner, HostSyncGuard, make_c
 
 from conftest import SkipMLP, requires_cuda
 
+# the steps run the compiled ops: without the extension they would test the reference path only
+pytestmark = pytest.mark.kernels
+
 
 class StandInGraph:
     def __init__(self, fn, out):

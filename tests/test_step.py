@@ -9,6 +9,9 @@ from ign_fast.models import DCGAN28, MLP
 
 from conftest import SkipMLP
 
+# the steps run the compiled ops: without the extension they would test the reference path only
+pytestmark = pytest.mark.kernels
+
 
 def naive_loss(model, x, z, distance="l1", weights=(20.0, 20.0, 2.5), ratio=1.5):
     frozen = copy.deepcopy(model)
