@@ -42,9 +42,11 @@ if [ "$HAS_GPU" = 1 ]; then
 else
   DEVICE_LINE="no GPU (nvidia-smi absent): a dry run; the GPU-only phases are skipped"
 fi
-PYTHON_LINE=$($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1 | tail -1)
+PYTHON_LINE=$($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
+                                               "CUDA", torch.version.cuda)' 2>&1 | tail -1)
 WORK=$(mktemp -d)  # the training runs' folders: not under $OUT, whose files all come back
 export WORK
+trap 'rm -rf "$WORK"' EXIT
 
 ROWS=()      # "| phase | status | seconds | limit | log |" lines of the summary
 DETAILS=()   # each phase's verdict lines, appended to the summary
@@ -106,10 +108,17 @@ run_build() {
       && $PY -c "import ign_fast, sys; sys.exit(0 if ign_fast.build_info()['cuda_built'] else 1)" 2>/dev/null; then
     echo "ign_fast._C is built with CUDA and newer than its sources: not rebuilt"
   else
-    IGN_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps --no-index -v -e . \
-      || return 1
+    if ! IGN_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps --no-index -v -e .
+    then
+      # still build the extension, so the native CUDA kernels get checked; ign_fast.kernels is then not
+      # importable from the tree (it lives in kernels/) and every Triton check fails: the phase reports FAIL
+      echo "pip's editable install failed: building in place instead"
+      IGN_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace || return 1
+      BUILD_FALLBACK=1
+    fi
   fi
-  $PY -c "import ign_fast, torch; i = ign_fast.build_info(); print(i); assert i['cuda_built'], 'CUDA kernels not built'"
+  $PY -c "import ign_fast; i = ign_fast.build_info(); print(i); assert i['cuda_built'], 'CUDA kernels not built'" \
+    && [ -z "${BUILD_FALLBACK:-}" ]
 }
 export -f run_build
 
@@ -140,7 +149,9 @@ run_benchmarks() {
   # one timeout each, so a slow benchmark costs only its own lines
   local quick="" rc=0 b limit
   [ "$MODE" = quick ] && quick="--quick"
-  for b in bench_ign_loss bench_nearest_neighbors bench_step bench_naign_step $([ "$MODE" = full ] && echo bench_export); do
+  local names="bench_ign_loss bench_nearest_neighbors bench_step bench_naign_step"
+  [ "$MODE" = full ] && names="$names bench_export"
+  for b in $names; do
     limit=$([ "$MODE" = quick ] && echo 45 || echo 150)
     echo "== $b $quick (limit $limit s)"
     timeout -k 5 "$limit" $PY "benchmarks/$b.py" $quick || { echo "== $b: exit $?"; rc=1; }
