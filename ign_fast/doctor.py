@@ -2,7 +2,8 @@
 reference on this machine. The first command to run on a new machine, and the first the GPU check runs; like
 `python -m torch.utils.collect_env`, but it also checks correctness.
 
-    ign-fast doctor [--device auto|cpu|cuda] [--backend all|native,triton,torch] [--no-steps] [--json PATH]
+    ign-fast doctor [--device auto|cpu|cuda] [--backend all|native,triton,torch] [--checks all|ops|steps]
+                    [--json PATH]
     python -m ign_fast.doctor ...
 
 Exit status 0 when every check passes; 1 on any failure (a mismatch, a check that raised, the extension missing
@@ -653,13 +654,13 @@ class _Reported(list):
             self.report(result)
 
 
-def run_checks(devices, backends, steps=True, seed=0, report=None):
+def run_checks(devices, backends, ops=True, steps=True, seed=0, report=None):
     """Every check, as a list of Result; report(result), if given, is called as each one finishes."""
     results = _Reported(report)
     build_checks(results)
     with _isolated():
         for device in devices:
-            for backend in backends:
+            for backend in backends if ops else ():
                 op_checks(results, device, backend, seed)
             if steps:
                 step_checks(results, device, seed)
@@ -698,7 +699,7 @@ def format_facts(info):
 def add_arguments(parser):
     parser.add_argument("--device", default="auto", help="auto (every device present) | cpu | cuda")
     parser.add_argument("--backend", default="all", help="all | a comma list of native, triton, torch")
-    parser.add_argument("--no-steps", action="store_true", help="check the ops only, not the training steps")
+    parser.add_argument("--checks", default="all", help="all | ops | steps (the training steps only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default %(default)s)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--triton-interpret", action="store_true",
@@ -717,6 +718,8 @@ def resolve_arguments(args):
         devices = [args.device]
     else:
         raise DoctorUsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    if args.checks not in ("all", "ops", "steps"):
+        raise DoctorUsageError(f"--checks must be all, ops or steps, got {args.checks!r}")
     if args.backend == "all":
         backends = list(BACKENDS)
     else:
@@ -748,7 +751,7 @@ def run(args, out=None):
     info = facts()
     print(format_facts(info) + "\n", file=out, flush=True)
     print(format_row(COLUMNS), file=out, flush=True)
-    results = run_checks(devices, backends, steps=not args.no_steps, seed=args.seed,
+    results = run_checks(devices, backends, ops=args.checks != "steps", steps=args.checks != "ops", seed=args.seed,
                          report=lambda r: print(format_result(r), file=out, flush=True))
     seconds = time.perf_counter() - start
     failed = [r for r in results if r.status == "FAIL"]

@@ -13,6 +13,8 @@ from ign_fast import _extension, cli, doctor, ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 requires_extension = pytest.mark.skipif(not _extension.HAS_C, reason="needs the compiled extension ign_fast._C")
+# the in-process runs are many small tensors: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_in_process(tmp_path, *argv):
@@ -67,7 +69,7 @@ def test_a_broken_native_kernel_fails_the_check(tmp_path, monkeypatch, which):
 
         monkeypatch.setattr(torch.ops.ign_fast, "per_sample_distance_backward", broken)
     backend_before = ops.get_backend()
-    status, report, rows = run_in_process(tmp_path, "--device", "cpu", "--backend", "native", "--no-steps")
+    status, report, rows = run_in_process(tmp_path, "--device", "cpu", "--backend", "native", "--checks", "ops")
     assert status == doctor.EXIT_MISMATCH and report["passed"] is False
     for dtype in ("float32", "bfloat16", "float64"):
         for kind in ("l1", "l2"):
@@ -85,7 +87,7 @@ def test_a_kernel_that_raises_is_a_failed_check_and_the_rest_still_run(tmp_path,
         raise RuntimeError("illegal memory access (planted)")
 
     monkeypatch.setattr(torch.ops.ign_fast, "nearest_neighbors", broken)
-    status, _, rows = run_in_process(tmp_path, "--device", "cpu", "--backend", "native", "--no-steps")
+    status, _, rows = run_in_process(tmp_path, "--device", "cpu", "--backend", "native", "--checks", "ops")
     assert status == doctor.EXIT_MISMATCH
     row = rows[("nearest_neighbors l1", "cpu", "float32", "native")]
     assert row["status"] == "FAIL" and "planted" in row["detail"]
@@ -108,7 +110,7 @@ def test_a_broken_step_mode_fails_the_check(tmp_path, monkeypatch):
             return out
 
     monkeypatch.setattr(ign_fast, "IGNStep", BrokenFused)
-    status, _, rows = run_in_process(tmp_path, "--device", "cpu", "--backend", "torch")
+    status, _, rows = run_in_process(tmp_path, "--device", "cpu", "--checks", "steps")
     assert status == doctor.EXIT_MISMATCH
     for dtype in ("float64", "float32"):
         row = rows[("IGNStep fused vs reference, dcgan28-group", "cpu", dtype, "auto")]
@@ -117,7 +119,7 @@ def test_a_broken_step_mode_fails_the_check(tmp_path, monkeypatch):
 
 
 def test_json_output_parses_and_matches_the_table(tmp_path, capsys):
-    status, report, rows = run_in_process(tmp_path, "--device", "cpu", "--backend", "torch", "--no-steps")
+    status, report, rows = run_in_process(tmp_path, "--device", "cpu", "--backend", "torch", "--checks", "ops")
     printed = capsys.readouterr().out
     assert status == doctor.EXIT_OK and report["passed"] is True
     assert set(report["facts"]) >= {"extension_loaded", "cuda_built", "torch_running", "cuda_available"}
@@ -131,6 +133,7 @@ def test_json_output_parses_and_matches_the_table(tmp_path, capsys):
     (["--backend", "cuDNN"], "--backend"),
     (["--device", "tpu"], "--device"),
     (["--json", "/nonexistent-folder/doctor.json"], "--json"),
+    (["--checks", "kernels"], "--checks"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(argv, names, capsys):
     for main in (doctor.main, lambda a: cli.main(["doctor", *a])):
