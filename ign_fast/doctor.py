@@ -16,7 +16,8 @@ What is checked
   on the CPU only in triton's slow interpreter, when TRITON_INTERPRET=1 was set before triton was imported, or
   with --triton-interpret) and torch (the reference path through ign_fast.ops). Each in float32, bfloat16 and
   float64 on two odd shapes: rows of 105 elements (a kernel that drops a tail element is off by 1%) and of
-  4551 (past the 4096-element limit of the one-kernel-per-row CUDA path). Outputs, and gradients through
+  4551 (past the 4096-element limit of the one-kernel-per-row CUDA path); the interpreter takes the small one
+  only (about 25 s instead of 7 minutes here). Outputs, and gradients through
   autograd with random weights on every output (so each output's backward path is used), are compared with
   ign_fast.reference evaluated in float64 on the same inputs.
 - steps: IGNStep (a GroupNorm DCGAN28, whose fused step makes one batched call, and a BatchNorm one, whose
@@ -36,8 +37,8 @@ Tolerances (relative, max norm), and why:
 - float32 ops 2e-5: float32 accumulation errs about 1e-6 here (the unit tests allow 1e-5).
 - bfloat16 ops: values 2e-5 (bfloat16 inputs are exact in float32, where the kernels accumulate); gradients
   8e-3 (they come back in bfloat16, whose unit roundoff is 2^-8 = 3.9e-3: the CPU kernels, like the reference
-  path, land at 3.3e-3; twice the roundoff leaves room for a kernel whose float32 value differs in the last
-  bits before rounding, while any error in the formula is far larger).
+  path, land at 3.3e-3, and the Triton kernels in triton's CPU interpreter at up to 6.5e-3, a second rounding
+  somewhere; twice the roundoff allows that, while any error in a formula is far larger).
 - nearest_neighbors index: no row may choose a candidate whose float64 distance exceeds the nearest one's by
   more than the dtype's value tolerance (near-ties may go either way); its distance is checked against the
   float64 distance of the candidate it chose.
