@@ -152,3 +152,22 @@ def test_bad_syntax_exits_2():
     with pytest.raises(SystemExit) as exit_info:
         doctor.main(["--seed", "x"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("has_c, error, gpu, cuda_built, expected", [
+    (False, "undefined symbol: _ZN3c10", False, False, {"extension loaded": "FAIL"}),
+    (False, "disabled by IGN_FAST_DISABLE_EXTENSION", False, False, {"extension loaded": "SKIP"}),
+    (True, None, True, False, {"extension loaded": "PASS", "CUDA kernels built": "FAIL"}),
+    (True, None, False, False, {"extension loaded": "PASS"}),  # no GPU: CPU kernels are all there is to build
+])
+def test_build_facts_are_checks(monkeypatch, has_c, error, gpu, cuda_built, expected):
+    # a missing extension fails unless disabled on purpose; a GPU without CUDA kernels fails
+    monkeypatch.setattr(_extension, "HAS_C", has_c)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", error)
+    monkeypatch.setattr(_extension, "CUDA_BUILT", cuda_built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    if has_c and _extension._C is None:
+        pytest.skip("needs the compiled extension ign_fast._C (its build facts are read)")
+    results = []
+    doctor.build_checks(results)
+    assert {r.check: r.status for r in results} == expected
