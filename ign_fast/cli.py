@@ -249,6 +249,7 @@ def _add_checkpoint_command(sub, name, help_text):
 def build_parser():
     parser = argparse.ArgumentParser(prog="ign-fast", description="Idempotent generative networks, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_doctor(sub)
     _add_train(sub)
     p = _add_checkpoint_command(sub, "sample", "f(z), f(f(z)) and f^n(z) as a PNG grid plus tensors")
     p.add_argument("--n", type=int, default=64)
@@ -278,6 +279,21 @@ def build_parser():
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "project": cmd_project, "eval": cmd_eval, "ood": cmd_ood,
             "export": cmd_export}
+
+
+def _add_doctor(sub):
+    from .doctor import add_arguments
+
+    add_arguments(sub.add_parser("doctor", help="build facts, then every op and step checked against the reference"))
+
+
+def cmd_doctor(args):
+    from .doctor import run
+
+    return run(args)  # 1 on any mismatch; its usage errors are ValueErrors, which main reports with exit 2
+
+
+COMMANDS["doctor"] = cmd_doctor
 
 
 def main(argv=None):
