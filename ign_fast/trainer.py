@@ -296,8 +296,6 @@ class Trainer:
         c = self.config
         check_run_folder(c.out, resume, overwrite)
         self.dist, device_name = distributed.init_from_env(c.device)
-        # no rank may write into out (rank 0 creates it below) before every rank has looked at it
-        self.dist.barrier()
         world = self.dist.world_size
         if c.batch_size % world:
             raise ValueError(f"batch_size (the global batch) must be divisible by the {world} ranks, got "
@@ -335,6 +333,8 @@ class Trainer:
             self.step_fn.grad_sync = distributed.GradientAverager(self.model.parameters(), world)
         self.step = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
+        # no rank may write into out before every rank has looked at it (check_run_folder above)
+        self.dist.barrier()
         if overwrite and self.dist.is_main:
             clear_run_outputs(c.out)
         os.makedirs(c.out, exist_ok=True)
