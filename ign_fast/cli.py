@@ -118,7 +118,8 @@ def _load(args):
 
 def _check_positive(flag, value, minimum=1):
     if value < minimum:
-        raise UsageError(f"{flag} must be an integer >= {minimum}, got {value}")
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise UsageError(f"{flag} must be {expected}, got {value}")
 
 
 def default_output(checkpoint, name):
