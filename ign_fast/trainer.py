@@ -274,7 +274,8 @@ def check_run_folder(out, resume, overwrite):
         return
     if os.listdir(out):
         raise RunFolderInUseError(f"run folder {os.fspath(out)!r} is not empty: pass --resume to continue "
-                                  "that run, another --out for a new one, or --overwrite to replace it")
+                                  "that run, another --out for a new one, or --overwrite to replace it (in "
+                                  "Python: resume=True or overwrite=True)")
 
 
 def clear_run_outputs(out):
