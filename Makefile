@@ -29,7 +29,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 demo: setup
-	$(VENV)/bin/ign-fast train --out $(DEMO_OUT) --steps $(DEMO_STEPS) --sample-every 500 --checkpoint-every 500
+	$(VENV)/bin/ign-fast train --overwrite --out $(DEMO_OUT) --steps $(DEMO_STEPS) --sample-every 500 --checkpoint-every 500
 	$(VENV)/bin/ign-fast project $(DEMO_OUT) --corruption noise
 	$(VENV)/bin/ign-fast project $(DEMO_OUT) --corruption mask
 	@echo "samples: $(DEMO_OUT)/samples.png   projections: $(DEMO_OUT)/project/"

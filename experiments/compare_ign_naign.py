@@ -27,7 +27,8 @@ TOY_RADIUS = {"trimodal": 0.6, "8gaussians": 0.5}  # half the spacing of neighbo
 def train(objective, data, steps, out, **extra):
     config = TrainConfig(objective=objective, data=data, steps=steps, out=out, progress=False,
                          sample_every=max(steps, 1), checkpoint_every=max(steps, 1), log_every=50, **extra)
-    trainer = Trainer(config)
+    # each run of an experiment measures afresh: an earlier result in the same folder is replaced, not resumed
+    trainer = Trainer(config, overwrite=True)
     start = time.perf_counter()
     trainer.fit()
     return trainer, time.perf_counter() - start

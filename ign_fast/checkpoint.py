@@ -8,7 +8,8 @@ A checkpoint is a folder `step_<N>/` inside `<run>/checkpoints/` holding
   meta.json           run config, step, data-loader position, model and prior configs
 It is written into a temporary folder beside its final place, every file flushed and fsynced, then renamed
 into place; `<run>/checkpoints/latest` is replaced last (temp file + os.replace), so a crash at any moment
-leaves the previous checkpoint and pointer intact. The newest `keep` checkpoints are kept.
+leaves the previous checkpoint and pointer intact. The checkpoint just written and the `keep` - 1 before it
+are kept (see _prune). Folders and files follow the user's umask, like any other file they write.
 """
 import json
 import os
@@ -30,6 +31,13 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt, or not safe to load."""
 
 
+def _umask():
+    # read without changing it for good: os.umask only sets, returning the previous value
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -49,6 +57,7 @@ def atomic_write_text(path, text):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the user's umask decides, as for any file
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -82,6 +91,8 @@ def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states,
     final = os.path.join(ckpt_root, name)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_root)
     try:
+        # mkdtemp makes 0700: others sharing the machine could not read a run; the user's umask decides
+        os.chmod(tmp, 0o777 & ~_umask())
         save_file(_contiguous_state(model.state_dict()), os.path.join(tmp, "model.safetensors"))
         save_file(_contiguous_state(prior.state_dict()) or {"_empty": torch.zeros(0)},
                   os.path.join(tmp, "prior.safetensors"))
@@ -89,7 +100,9 @@ def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states,
         save_file(_contiguous_state(rng_states), os.path.join(tmp, "state.safetensors"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, format_version=1), f, indent=2, sort_keys=True)
+        file_mode = 0o666 & ~_umask()  # safetensors writes 0600 whatever the umask
         for filename in CHECKPOINT_FILES:
+            os.chmod(os.path.join(tmp, filename), file_mode)
             _fsync_file(os.path.join(tmp, filename))
         _fsync_dir(tmp)
         _test_delay()
@@ -101,7 +114,7 @@ def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
-    _prune(ckpt_root, keep)
+    _prune(ckpt_root, keep, name)
     return final
 
 
@@ -111,9 +124,13 @@ def _complete_checkpoints(ckpt_root):
     return names
 
 
-def _prune(ckpt_root, keep):
-    names = _complete_checkpoints(ckpt_root)
-    for old in names[:-keep] if keep > 0 else []:
+def _prune(ckpt_root, keep, written):
+    """Keep `written` (what `latest` now names) and the keep - 1 newest checkpoints before it. Checkpoints
+    with higher step numbers belong to another history (a run that went further before this one was
+    resumed from an earlier point): they are not this run's to judge and are left alone, and the one just
+    written is never deleted, so `latest` cannot dangle."""
+    older = [n for n in _complete_checkpoints(ckpt_root) if n < written]
+    for old in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     for stale in os.listdir(ckpt_root):  # temporary folders of saves that a crash interrupted
         if stale.startswith(".tmp-step_"):

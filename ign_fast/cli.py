@@ -25,37 +25,52 @@ def _add_train(sub):
     p = sub.add_parser("train", help="train on a data set (default: NAIGN on MNIST-5k)")
     d = TrainConfig()
     p.add_argument("--objective", default=d.objective, help="ign | naign (default %(default)s)")
-    p.add_argument("--data", default=d.data, help="mnist5k | mnist | images | trimodal | 8gaussians | moons | rings")
+    p.add_argument("--data", default=d.data,
+                   help="mnist5k | mnist | images | trimodal | 8gaussians | moons | rings (default %(default)s)")
     p.add_argument("--data-root", default=None, help="folder for --data mnist (IDX files) or images")
     p.add_argument("--image-size", type=int, default=None, help="resize for --data images")
-    p.add_argument("--model", default=d.model, help="dcgan28 | dcgan64 | mlp")
-    p.add_argument("--norm", default=d.norm, help="batch | group | none")
-    p.add_argument("--latent-dim", type=int, default=d.latent_dim)
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--model", default=d.model, help="dcgan28 | dcgan64 | mlp (default %(default)s)")
+    p.add_argument("--norm", default=d.norm, help="batch | group | none (default %(default)s)")
+    p.add_argument("--latent-dim", type=int, default=d.latent_dim,
+                   help="channels of the model's bottleneck (default %(default)s)")
+    p.add_argument("--width", type=int, default=d.width, help="base channel count of the model (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="total training steps to reach; with --resume the run continues up to this step count, "
+                        "not this many more (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 (ign) or 64 (naign)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (ign) or 5e-4 (naign)")
-    p.add_argument("--distance", default=d.distance, help="l1 | l2")
-    p.add_argument("--lambda-rec", type=float, default=None)
-    p.add_argument("--lambda-idem", type=float, default=None)
-    p.add_argument("--lambda-tight", type=float, default=d.lambda_tight)
+    p.add_argument("--distance", default=d.distance, help="l1 | l2 (default %(default)s)")
+    p.add_argument("--lambda-rec", type=float, default=None, help="weight of f(x) = x; default 20 (ign) or 1 (naign)")
+    p.add_argument("--lambda-idem", type=float, default=None,
+                   help="weight of f(f(z)) = f(z); default 20 (ign) or 0 (naign)")
+    p.add_argument("--lambda-tight", type=float, default=d.lambda_tight, help="IGN: weight of the tightness term "
+                                                                                "(default %(default)s)")
     p.add_argument("--tight-clamp-ratio", type=_optional_float, default=d.tight_clamp_ratio, help="a number or none")
-    p.add_argument("--lambda-imle", type=float, default=d.lambda_imle)
+    p.add_argument("--lambda-imle", type=float, default=d.lambda_imle, help="NAIGN: weight of the IMLE term "
+                                                                              "(default %(default)s)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="NAIGN: noise samples per data point")
     p.add_argument("--refresh-every", type=int, default=d.refresh_every,
                    help="NAIGN: steps between new pools of candidates")
-    p.add_argument("--prior", default=d.prior, help="gaussian | fourier")
-    p.add_argument("--step-mode", default=d.step_mode)
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--prior", default=d.prior, help="gaussian | fourier (default %(default)s)")
+    p.add_argument("--step-mode", default=d.step_mode,
+                   help="auto | reference | fused | graph (default auto: graph on CUDA, fused on CPU)")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default auto: cuda if available)")
     p.add_argument("--amp", default=d.amp, help="auto | bf16 | none")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="run folder (default %(default)s)")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--sample-every", type=int, default=d.sample_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights, data order and noise "
+                                                             "(default %(default)s)")
+    p.add_argument("--out", default=d.out, help="run folder (default %(default)s); must be empty or absent for a "
+                                                 "new run")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="steps between rows of metrics.csv and, when not on a terminal, log lines")
+    p.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --out that holds one: its checkpoints, samples, metrics and config "
+                        "are deleted first")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a plain line every --log-every steps instead")
     p.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
                    help="steps in a row with a non-finite loss (each skipped) before training stops")
     p.add_argument("--sync-batchnorm", action="store_true",
@@ -63,18 +78,26 @@ def _add_train(sub):
 
 
 def cmd_train(args):
-    from .trainer import TrainConfig, train
+    from .trainer import TrainConfig, format_seconds, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values["progress"] = not args.no_progress
+    values["progress"] = "lines" if args.no_progress else "auto"
     config = TrainConfig(**values)
-    trainer, summary = train(config, resume=args.resume)
+    trainer, summary = train(config, resume=args.resume, overwrite=args.overwrite)
     try:
         if trainer.dist.is_main:  # under torchrun only rank 0 writes and reports
+            done, start, target = summary["steps"], summary["start_step"], summary["target"]
+            if done == start:  # --steps is a total: a resumed run may already be there, or past it
+                where = "past" if done > target else "at"
+                print(f"nothing to train: the run in {config.out} is already at step {done}, {where} --steps "
+                      f"{target} (the total to reach); pass --steps above {done} to continue it")
+                return 0
             last = trainer.write_samples(os.path.join(config.out, "samples.png"))
             ranks = f" on {trainer.dist.world_size} ranks" if trainer.dist.enabled else ""
-            print(f"trained {summary['steps']} steps{ranks} in {summary['seconds']:.0f} s; run folder: {config.out}")
+            span = f"steps {start + 1}-{done}" if start else f"to step {done}"
+            print(f"trained {done - start} steps ({span}){ranks} in {format_seconds(summary['seconds'])}; "
+                  f"run folder: {config.out}")
             if summary["nonfinite_steps"]:
                 print(f"skipped {summary['nonfinite_steps']} steps with a non-finite loss")
             if trainer.data.dim() == 4:
@@ -93,36 +116,51 @@ def _load(args):
     return model, prior, meta, device
 
 
+def _check_positive(flag, value, minimum=1):
+    if value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise UsageError(f"{flag} must be {expected}, got {value}")
+
+
+def default_output(checkpoint, name):
+    """<run>/<name> for a checkpoint inside <run>/checkpoints/ (or the run folder itself); for a step folder
+    kept elsewhere, <name> beside it: never inside a checkpoint, never above the folder the user pointed at."""
+    from .checkpoint import resolve_checkpoint
+
+    folder = os.path.abspath(resolve_checkpoint(checkpoint))
+    parent = os.path.dirname(folder)
+    run = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+    return os.path.join(run, name)
+
+
 def cmd_sample(args):
     from safetensors.torch import save_file
 
+    from .checkpoint import resolve_checkpoint
     from .images import hstack, image_grid, save_array_png
     from .inference import apply_f
 
+    _check_positive("--n", args.n)
+    _check_positive("--steps", args.steps)
     model, prior, meta, device = _load(args)
-    if args.n <= 0 or args.steps <= 0:
-        raise UsageError("--n and --steps must be positive integers")
     z = prior.sample(args.n, generator=torch.Generator().manual_seed(args.seed)).to(device)
     fz = apply_f(model, z, 1)
     ffz = apply_f(model, fz, 1)
     fnz = apply_f(model, z, args.steps)
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(meta_folder(args.checkpoint))), "sample")
+    # beside the grids the trainer writes (samples/step_*.png), named by the checkpoint that made them
+    out = args.out or default_output(args.checkpoint, "samples")
+    stem = "sample_" + os.path.basename(os.path.normpath(resolve_checkpoint(args.checkpoint)))
     os.makedirs(out, exist_ok=True)
+    tensors = os.path.join(out, stem + ".safetensors")
     save_file({"z": z.cpu().contiguous(), "f_z": fz.cpu().contiguous(), "ff_z": ffz.cpu().contiguous(),
-               f"f{args.steps}_z": fnz.cpu().contiguous()}, os.path.join(out, "samples.safetensors"))
+               f"f{args.steps}_z": fnz.cpu().contiguous()}, tensors)
     if fz.dim() == 4:
         nrow = max(1, int(args.n ** 0.5))
         grid = hstack([image_grid(t.float().cpu(), nrow=nrow) for t in (fz, ffz, fnz)])
-        path = save_array_png(grid, os.path.join(out, "samples.png"))
+        path = save_array_png(grid, os.path.join(out, stem + ".png"))
         print(f"f(z) | f(f(z)) | f^{args.steps}(z): {path}")
-    print(f"tensors: {os.path.join(out, 'samples.safetensors')}")
+    print(f"tensors: {tensors}")
     return 0
-
-
-def meta_folder(path):
-    from .checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(path)
 
 
 def corrupt(images, kind, generator, noise_std=0.5):
@@ -155,38 +193,96 @@ def psnr(a, b, peak_to_peak=2.0):
     return (10 * torch.log10(peak_to_peak ** 2 / mse)).mean().item()
 
 
+def projected_names(paths):
+    """<stem>_projected.png per input; inputs that share a stem (seven.png, seven.jpg) keep their extension in
+    the name (seven_png_projected.png), so no output overwrites another. Same file names from different
+    folders cannot be told apart that way: UsageError."""
+    stems = [os.path.splitext(os.path.basename(p)) for p in paths]
+    counts = {}
+    for stem, _ in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    names = [f"{stem}{'_' + ext.lstrip('.') if counts[stem] > 1 and ext else ''}_projected.png"
+             for stem, ext in stems]
+    seen = {}
+    for path, name in zip(paths, names):
+        if name in seen:
+            raise UsageError(f"--images: {seen[name]!r} and {path!r} would both be written as {name}: rename one "
+                             "or project them separately")
+        seen[name] = path
+    return names
+
+
+def _should_invert(image, background, how):
+    """Whether to invert one loaded image: --invert yes/no, or auto: when its border (the paper) is on the
+    other side of mid-grey from the training data's background, e.g. a dark-on-white scan for a digit model."""
+    from .images import border_mean
+
+    if how != "auto":
+        return how == "yes"
+    if background is None:
+        return False
+    paper = float(border_mean(image)[0])
+    return paper * background < 0 and abs(paper) > 0.25 and abs(background) > 0.25
+
+
+def _data_background(model, prior, meta, device):
+    """The training data's border brightness, from the checkpoint or, for an older one, from generated images."""
+    from .images import border_mean
+    from .inference import apply_f
+
+    if meta.get("data_border_mean") is not None:
+        return float(meta["data_border_mean"])
+    z = prior.sample(16, generator=torch.Generator().manual_seed(0)).to(device)
+    return float(border_mean(apply_f(model, z, 1).cpu()).mean())
+
+
 def cmd_project(args):
     from .data import load_mnist5k
     from .images import image_grid, load_png, save_array_png, save_png, vstack
     from .inference import apply_f
 
+    _check_positive("--n", args.n)
+    _check_positive("--steps", args.steps)
+    if args.invert not in ("auto", "yes", "no"):
+        raise UsageError(f"--invert must be auto, yes or no; got {args.invert!r}")
+    if args.images is None and args.corruption not in ("noise", "mask", "sketch"):
+        raise UsageError(f"--corruption must be noise, mask or sketch; got {args.corruption!r}")
     model, prior, meta, device = _load(args)
-    if args.steps <= 0 or args.n <= 0:
-        raise UsageError("--n and --steps must be positive integers")
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(meta_folder(args.checkpoint))), "project")
-    os.makedirs(out, exist_ok=True)
     shape = tuple(prior.shape)
-    if args.images:
+    if args.images is not None:
+        if len(shape) != 3:
+            raise UsageError(f"--images needs an image model; this one takes vectors of shape {shape}")
+        names = projected_names(args.images)
         channels, size = shape[0], shape[-1]
-        batch = torch.cat([load_png(p, size=size, channels=channels) for p in args.images]).to(device)
+        images = []
+        for p in args.images:
+            try:
+                images.append(load_png(p, size=size, channels=channels))
+            except ValueError as error:
+                raise UsageError(f"--images: {error}") from None
+        background = _data_background(model, prior, meta, device) if args.invert == "auto" else None
+        inverted = [_should_invert(image, background, args.invert) for image in images]
+        batch = torch.cat([-image if flip else image for image, flip in zip(images, inverted)]).to(device)
         projected = apply_f(model, batch, args.steps)
-        for p, y in zip(args.images, projected):
-            target = os.path.join(out, os.path.splitext(os.path.basename(p))[0] + "_projected.png")
-            save_png(y, target)
-            print(f"{p} -> {target}")
+        out = args.out or default_output(args.checkpoint, "project")
+        os.makedirs(out, exist_ok=True)
+        for p, name, flip, y in zip(args.images, names, inverted, projected):
+            target = save_png(y, os.path.join(out, name))
+            print(f"{p} -> {target}{' (inverted first: dark on light)' if flip else ''}")
         return 0
     if shape != (1, 28, 28):
         raise UsageError(f"projecting held-out MNIST-5k needs a 1x28x28 model; this one takes {shape}: "
-                         "pass image files instead")
+                         "pass image files with --images instead")
     clean, _ = load_mnist5k("test")
     clean = clean[: args.n]
     corrupted = corrupt(clean, args.corruption, torch.Generator().manual_seed(args.seed))
     projected = apply_f(model, corrupted.to(device), args.steps).cpu()
     before, after = psnr(corrupted, clean), psnr(projected, clean)
+    out = args.out or default_output(args.checkpoint, "project")
     grid = vstack([image_grid(t[:16], nrow=16) for t in (clean, corrupted, projected)])
     path = save_array_png(grid, os.path.join(out, f"project_{args.corruption}.png"))
     print(f"{args.corruption}: PSNR to clean digits {before:.2f} dB before, {after:.2f} dB after f^{args.steps} "
-          f"({args.n} held-out digits)")
+          f"({len(clean)} held-out digits)")
     print(f"clean / corrupted / projected: {path}")
     return 0
 
@@ -195,6 +291,8 @@ def cmd_eval(args):
     from . import metrics
     from .inference import apply_f
 
+    _check_positive("--n", args.n, 6)  # PRDC compares each sample with its 5 nearest neighbours
+    _check_positive("--steps", args.steps)
     model, prior, meta, device = _load(args)
     if tuple(prior.shape) != (1, 28, 28):
         raise UsageError("eval measures digit models (1x28x28); this checkpoint's data has shape "
@@ -230,6 +328,7 @@ def cmd_export(args):
     from .export import export_projector
     from .inference import load_trained
 
+    _check_positive("--steps", args.steps)
     model, prior, meta = load_trained(args.checkpoint, "cpu")
     written = export_projector(model, args.out, steps=args.steps, format=args.format,
                                prior=None if args.no_prior else prior)
@@ -241,8 +340,8 @@ def cmd_export(args):
 def _add_checkpoint_command(sub, name, help_text):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and corruptions drawn (default %(default)s)")
     return p
 
 
@@ -252,20 +351,24 @@ def build_parser():
     _add_doctor(sub)
     _add_train(sub)
     p = _add_checkpoint_command(sub, "sample", "f(z), f(f(z)) and f^n(z) as a PNG grid plus tensors")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--out", default=None)
+    p.add_argument("--n", type=int, default=64, help="number of noise samples z (default %(default)s)")
+    p.add_argument("--steps", type=int, default=3, help="n in f^n(z), the last column (default %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: the run folder's samples/)")
     p = _add_checkpoint_command(sub, "project", "project corrupted held-out digits (or image files) with f^n")
-    p.add_argument("--corruption", default="noise", help="noise | mask | sketch")
-    p.add_argument("--n", type=int, default=500)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--images", nargs="*", default=None,
-                   help="PNG/JPEG files to project instead (resized to the model's size; grayscale files such as "
-                        "sketches or scans are replicated to 3 channels for a colour model)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--corruption", default="noise", help="noise | mask | sketch (default %(default)s)")
+    p.add_argument("--n", type=int, default=500, help="held-out digits to corrupt and project (default %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="n in f^n (default %(default)s)")
+    p.add_argument("--images", nargs="+", default=None, metavar="FILE",
+                   help="PNG/JPEG files to project instead (short side resized to the model's size, then "
+                        "center-cropped, as in training; grayscale files such as sketches or scans are replicated "
+                        "to 3 channels for a colour model)")
+    p.add_argument("--invert", default="auto",
+                   help="with --images: auto | yes | no (default auto: invert an image whose background is light "
+                        "when the training data's is dark, e.g. a dark-on-white scan for a digit model)")
+    p.add_argument("--out", default=None, help="output folder (default: the run folder's project/)")
     p = _add_checkpoint_command(sub, "eval", "digit FID, mode coverage, PRDC, novelty of generated digits")
-    p.add_argument("--n", type=int, default=5000)
-    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--n", type=int, default=5000, help="digits to generate (default %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="n in f^n(z) (default %(default)s)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p = sub.add_parser("export", help="write f^N (and generation from the prior) as a torch-only file")
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
@@ -307,7 +410,7 @@ def main(argv=None):
     except NonFiniteTrainingError as error:  # the run's data or settings, not usage
         print(f"ign-fast {args.command}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
-    except (UsageError, ValueError, TypeError, CheckpointError, FileNotFoundError, ImportError) as error:
+    except (UsageError, ValueError, TypeError, CheckpointError, OSError, ImportError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"ign-fast {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -284,9 +284,31 @@ def _export_onnx(module, example, input_name, path):
                           "pip install onnx onnxscript onnxruntime") from None
     from torch.export import Dim
 
-    program = torch.onnx.export(module, (example,), dynamic_shapes={input_name: {0: Dim("batch", min=1)}},
-                                input_names=[input_name], output_names=["y"], dynamo=True, verbose=False)
+    with _quiet_onnx_exporter():
+        program = torch.onnx.export(module, (example,), dynamic_shapes={input_name: {0: Dim("batch", min=1)}},
+                                    input_names=[input_name], output_names=["y"], dynamo=True, verbose=False)
     program.save(path)
+
+
+def _not_about_torchvision(record):
+    return not str(record.msg).startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter():
+    """torch.onnx's exporter logs "torchvision is not installed" once per torchvision op on every export, and
+    torch's own pytree code raises a FutureWarning about LeafSpec: ten lines a user of ign_fast can do nothing
+    about (no torchvision op is ever exported here). Only those are dropped; anything else still shows."""
+    import logging
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addFilter(_not_about_torchvision)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+            yield
+    finally:
+        registration.removeFilter(_not_about_torchvision)
 
 
 def _attach_onnx_metadata(path, metadata):

@@ -106,14 +106,40 @@ def save_png(image, path):
 
 
 def load_png(path, size=None, channels=1):
-    """A PNG/JPEG file as a [1, C, H, W] tensor in [-1, 1], optionally resized to size x size."""
-    from PIL import Image
+    """A PNG/JPEG file as a [1, C, H, W] tensor in [-1, 1]. With size: the short side resized to size, then
+    center-cropped to size x size, as the trainer prepares a folder of images (data.load_image_folder), so a
+    non-square picture is not squashed. ValueError naming the file when pillow cannot read it."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        if size is not None:
-            img = img.resize((size, size), Image.BICUBIC)
-        array = np.asarray(img, dtype=np.float32)
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None:
+                w, h = img.size
+                scale = size / min(w, h)
+                new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+                left, top = (new_w - size) // 2, (new_h - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+            array = np.asarray(img, dtype=np.float32)
+    except UnidentifiedImageError:
+        raise ValueError(f"{os.fspath(path)!r} is not an image file pillow can read (PNG, JPEG, ...)") from None
+    except FileNotFoundError:
+        raise ValueError(f"{os.fspath(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{os.fspath(path)!r} is a folder, not an image file") from None
+    except (OSError, SyntaxError) as error:  # truncated or damaged files; pillow raises SyntaxError for some
+        raise ValueError(f"{os.fspath(path)!r} cannot be read as an image ({error})") from None
     t = torch.from_numpy(array.copy())
     t = t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1)
     return (t / 127.5 - 1.0).unsqueeze(0)
+
+
+def border_mean(images):
+    """Mean value of the outer eighth (at least one pixel) of each [C, H, W] image in a batch -> [B]: the
+    background's brightness, -1 for white-on-black digits, near 1 for dark strokes on white paper."""
+    h, w = images.shape[-2:]
+    band = max(1, min(h, w) // 8)
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[:band], mask[-band:], mask[:, :band], mask[:, -band:] = True, True, True, True
+    return images.float()[..., mask].flatten(1).mean(1)

@@ -7,7 +7,7 @@ eval-mode sampling measured worse (see the foundation issue's notes); other mode
 import torch
 from torch.func import functional_call
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .models import build_model
 from .noise import build_prior
 
@@ -40,18 +40,40 @@ def generate(model, z, steps=1):
     return apply_f(model, z, steps)
 
 
+def _rebuild(state, where):
+    """(model, prior) from a checkpoint's state; CheckpointError (one line) when its meta or weights do not
+    describe a model: a hand-edited meta.json or another program's checkpoint must not end in a KeyError."""
+    meta = state["meta"]
+    missing = [k for k in ("model_config", "prior_config") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {where} is not an ign_fast model checkpoint: its meta lacks "
+                              f"{' and '.join(missing)}")
+    try:
+        model = build_model(**meta["model_config"])
+        model.load_state_dict(state["model"])
+        prior = build_prior(meta["prior_config"], state_dict=state["prior"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {where} does not describe a loadable model ({first})") from None
+    return model, prior
+
+
 def load_trained(path, device="cpu"):
     """(model, prior, meta) from a run folder or checkpoint folder, on device, in eval mode."""
     state = load_checkpoint(path)
-    meta = state["meta"]
-    model = build_model(**meta["model_config"])
-    model.load_state_dict(state["model"])
-    prior = build_prior(meta["prior_config"], state_dict=state["prior"])
-    return model.to(device).eval(), prior, meta
+    model, prior = _rebuild(state, repr(state["folder"]))
+    return model.to(device).eval(), prior, state["meta"]
 
 
-def _as_batch(tensor, shape, name):
-    """[*shape] or [B, *shape] -> [B, *shape] float tensor; ValueError naming the argument otherwise."""
+# How far outside [-1, 1] an image may reach: noise on an image is a fair input to project (0.5-sigma noise
+# stays inside this with overwhelming odds), [0, 255] pixels are a wrong scale
+IMAGE_RANGE_SLACK = 3.0
+
+
+def _as_batch(tensor, shape, name, images=False):
+    """[*shape] or [B, *shape] -> [B, *shape] float32 tensor (the dtype of ign_fast's models and exports, so
+    float64 or bfloat16 inputs work too); ValueError naming the argument for another shape, NaN or inf, or
+    (images=True, image models) values far outside [-1, 1]."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) == tuple(shape):
@@ -61,7 +83,16 @@ def _as_batch(tensor, shape, name):
                          f"[{', '.join(map(str, shape))}], got {list(tensor.shape)}")
     if not tensor.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating tensor (images in [-1, 1]), got {tensor.dtype}")
-    return tensor
+    if tensor.numel() == 0:
+        return tensor.to(torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    if images and len(shape) == 3:
+        low, high = float(tensor.min()), float(tensor.max())
+        if low < -1 - IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
+            raise ValueError(f"{name} must be images in [-1, 1] (noise on top is fine), got values in "
+                             f"[{low:.4g}, {high:.4g}]: scale pixels p in [0, 255] as p / 127.5 - 1")
+    return tensor.to(torch.float32)
 
 
 def _check_positive(name, value):
@@ -144,10 +175,8 @@ class Projector:
         meta = state["meta"]
         if not isinstance(meta, dict) or "model_config" not in meta or "prior_config" not in meta:
             raise ValueError("path_or_checkpoint dict's meta lacks model_config or prior_config")
-        model = build_model(**meta["model_config"])
-        model.load_state_dict(state["model"])
+        model, prior = _rebuild(state, repr(state.get("folder", "dict")))
         model = model.to(device).eval()
-        prior = build_prior(meta["prior_config"], state_dict=state["prior"])
 
         def sample_noise(n, seed=None):
             # Gaussian and Fourier priors draw from standard normal eps of noise_shape; drawing z directly
@@ -183,7 +212,7 @@ class Projector:
         if (isinstance(images, torch.Tensor) and len(self.input_shape) == 3 and self.input_shape[0] == 3
                 and images.dim() in (3, 4) and images.shape[-3] == 1):
             images = images.expand(*images.shape[:-3], 3, *images.shape[-2:])
-        return _as_batch(images, self.input_shape, name)
+        return _as_batch(images, self.input_shape, name, images=True)
 
     def project(self, images, steps=1):
         """f^steps(images): the nearest data-like images. images: [B, C, H, W] or [C, H, W] in [-1, 1]."""

@@ -193,7 +193,9 @@ def train_digit_classifier(device: str | torch.device = "cpu", seed: int = _TRAI
     # fork_rng: seeding here must not change the caller's random streams.
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), threads:
+    # enable_grad: evaluate_digits (and so `ign-fast eval`) runs under no_grad and trains the classifier
+    # here when the cache is empty; without it backward fails on a fresh install
+    with torch.random.fork_rng(devices=rng_devices), threads, torch.enable_grad():
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         model = DigitClassifier().to(device)

@@ -25,7 +25,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .data import InMemoryLoader, load_dataset
-from .images import save_image_grid
+from .images import border_mean, save_image_grid
 from .inference import generate
 from .models import build_model
 from .naign import NAIGNLoss, NAIGNStep
@@ -67,7 +67,7 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 500
     keep: int = 3
-    progress: bool = True
+    progress: bool | str = True       # True/"auto": a bar on a terminal, plain lines when piped; "lines"; False
     max_nonfinite_steps: int = 10     # non-finite steps in a row (each skipped) before training stops
     sync_batchnorm: bool = False      # under torchrun: BatchNorm statistics over the global batch (CUDA only)
 
@@ -130,9 +130,10 @@ def validate_config(c):
                                                                                       and value is None):
             raise ValueError(f"{name} must be a non-empty path{' or None' if name == 'data_root' else ''}, "
                              f"got {value!r}")
-    for name in ("progress", "sync_batchnorm"):
-        if not isinstance(getattr(c, name), bool):
-            raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+    if not (isinstance(c.progress, bool) or c.progress in ("auto", "lines")):
+        raise ValueError(f"progress must be True or False, 'auto' or 'lines', got {c.progress!r}")
+    if not isinstance(c.sync_batchnorm, bool):
+        raise ValueError(f"sync_batchnorm must be True or False, got {c.sync_batchnorm!r}")
     if c.sync_batchnorm and c.norm != "batch":
         raise ValueError(f"sync_batchnorm needs norm 'batch', got norm {c.norm!r}")
     resolve_device(c.device)
@@ -167,6 +168,33 @@ def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
     # NAIGN has no four-call reference step to choose: "reference" runs its one eager implementation
     return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype,
                      check_inputs=False, mode="graph" if mode == "graph" else "fused")
+
+
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def format_seconds(seconds):
+    """0.4 s, 12 s, 3 min 05 s, 1 h 02 min: a duration a person reads at a glance."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def progress_line(step, total, terms, rate):
+    """One plain log line: step, the loss terms, steps/s and the time left at that rate."""
+    losses = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
+    eta = format_seconds((total - step) / rate) if rate > 0 else "?"
+    return f"step {step}/{total}  {losses}  {rate:.1f} steps/s  ETA {eta}"
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -225,11 +253,49 @@ def _tensorboard(run_dir):
     return SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
 
+class RunFolderInUseError(ValueError):
+    """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+# What a run and the commands run on it (sample, project) write into its folder by default; overwrite removes
+# these, so nothing of the old model is left to pass for the new one, and nothing else of the user's
+RUN_OUTPUTS = ("checkpoints", "samples", "samples.png", "metrics.csv", "config.json", "tensorboard", "project")
+
+
+def check_run_folder(out, resume, overwrite):
+    """A fresh run needs an empty (or absent) folder: training over another run's files would replace its
+    config and metrics and mix its checkpoints with the new ones (issue 12). Reads only, so every rank can
+    call it before any rank writes."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other: pass one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out must be a folder, got the file {os.fspath(out)!r}")
+    if resume or overwrite or not os.path.isdir(out):
+        return
+    if os.listdir(out):
+        raise RunFolderInUseError(f"run folder {os.fspath(out)!r} is not empty: pass --resume to continue "
+                                  "that run, another --out for a new one, or --overwrite to replace it (in "
+                                  "Python: resume=True or overwrite=True)")
+
+
+def clear_run_outputs(out):
+    """Remove what an earlier run wrote into out (RUN_OUTPUTS), leaving anything else the user put there."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 class Trainer:
-    def __init__(self, config, resume=False):
+    def __init__(self, config, resume=False, overwrite=False):
         self.config = config.resolved()
         validate_config(self.config)
         c = self.config
+        check_run_folder(c.out, resume, overwrite)
         self.dist, device_name = distributed.init_from_env(c.device)
         world = self.dist.world_size
         if c.batch_size % world:
@@ -243,6 +309,14 @@ class Trainer:
         self.data, self.labels = load_dataset(c.data, root=c.data_root, split="train", size=c.image_size,
                                               seed=c.seed)
         check_data(c.data, self.data)
+        shard = math.ceil(self.data.shape[0] / world)  # as InMemoryLoader deals the data out to the ranks
+        if c.batch_size // world > shard:
+            ranks = f" ({shard} per rank on {world} ranks)" if world > 1 else ""
+            raise ValueError(f"batch_size {c.batch_size} is larger than the data set: {c.data!r} has "
+                             f"{self.data.shape[0]} samples{ranks}; pass a batch_size of at most {shard * world}")
+        # recorded in checkpoints so `ign-fast project --images` can tell a scan's paper from the data's
+        # background (dark strokes on white against white-on-black digits) and invert it
+        self.data_border_mean = float(border_mean(self.data[:1000]).mean()) if self.data.dim() == 4 else None
         self.model = build_model_for(c, tuple(self.data.shape[1:]))
         if c.sync_batchnorm and self.dist.enabled:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -260,6 +334,10 @@ class Trainer:
             self.step_fn.grad_sync = distributed.GradientAverager(self.model.parameters(), world)
         self.step = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
+        # no rank may write into out before every rank has looked at it (check_run_folder above)
+        self.dist.barrier()
+        if overwrite and self.dist.is_main:
+            clear_run_outputs(c.out)
         os.makedirs(c.out, exist_ok=True)
         resume_step = None
         if resume:
@@ -280,7 +358,7 @@ class Trainer:
         return {"config": dataclasses.asdict(self.config), "model_config": self.model.config,
                 "prior_config": self.prior.to_config(), "loader": self.loader.state_dict(),
                 "naign_calls": getattr(self.step_fn, "calls", 0), "world_size": self.dist.world_size,
-                "global_batch_size": self.config.batch_size}
+                "global_batch_size": self.config.batch_size, "data_border_mean": self.data_border_mean}
 
     def _rank_states(self):
         states = {"noise_generator": self.noise_generator.get_state()}
@@ -397,11 +475,16 @@ class Trainer:
         total = steps if steps is not None else c.steps
         main = self.dist.is_main
         writer = _tensorboard(c.out) if main else None
-        bar = None
-        if c.progress and main:
-            from tqdm import tqdm
+        bar, lines = None, False
+        if c.progress is not False and main:
+            # a bar only where a person watches it; in a piped log its carriage-return frames make one
+            # unreadable line, so a log gets a plain line every log_every steps instead
+            wants_bar = c.progress in (True, "auto") and _is_terminal(sys.stderr)
+            lines = not wants_bar or not _is_terminal(sys.stdout)
+            if wants_bar:
+                from tqdm import tqdm
 
-            bar = tqdm(total=total, initial=self.step, dynamic_ncols=True, desc=c.objective)
+                bar = tqdm(total=total, initial=self.step, dynamic_ncols=True, desc=c.objective)
         start, start_step = time.perf_counter(), self.step
         save_due = False
         self.model.train()
@@ -418,6 +501,8 @@ class Trainer:
                             writer.add_scalar(k, v, self.step)
                     if bar is not None:
                         bar.set_postfix({k: f"{v:.4g}" for k, v in out.items()} | {"it/s": f"{rate:.1f}"})
+                    if lines:
+                        print(progress_line(self.step, total, out, rate), flush=True)
                 if bar is not None:
                     bar.update(1)
                 if main and (self.step % c.sample_every == 0 or self.step == total):
@@ -432,7 +517,8 @@ class Trainer:
             if writer is not None:
                 writer.close()
         rows = self.metrics.rows if self.metrics is not None else []
-        return {"steps": self.step, "seconds": time.perf_counter() - start, "last": rows[-1] if rows else {},
+        return {"steps": self.step, "start_step": start_step, "target": total,
+                "seconds": time.perf_counter() - start, "last": rows[-1] if rows else {},
                 "nonfinite_steps": self.nonfinite_total}
 
     def close(self):
@@ -440,10 +526,10 @@ class Trainer:
         self.dist.destroy()
 
 
-def train(config, resume=False):
+def train(config, resume=False, overwrite=False):
     trainer = None
     try:
-        trainer = Trainer(config, resume=resume)
+        trainer = Trainer(config, resume=resume, overwrite=overwrite)
         summary = trainer.fit()
     except BaseException:
         if trainer is not None:

@@ -328,3 +328,16 @@ def test_onnx_without_its_packages_is_a_one_line_import_error(monkeypatch, tmp_p
         export_projector(make_model("group"), str(tmp_path / "f.onnx"), format="onnx")
     assert len(str(info.value).splitlines()) == 1
     assert not os.path.exists(tmp_path / "f.onnx")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
+                    reason="onnx and onnxscript not installed (optional)")
+def test_cli_onnx_export_prints_no_warnings_the_user_cannot_act_on(tmp_path):
+    """Issue 12: ten lines on stderr ("torchvision is not installed" x8, a FutureWarning from torch's pytree)."""
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--out", run, "--steps", "1"]) == 0
+    out = subprocess.run([sys.executable, "-m", "ign_fast", "export", run, "--format", "onnx", "--out",
+                          str(tmp_path / "f.onnx")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "", out.stderr
+    assert os.path.isfile(tmp_path / "f.onnx")

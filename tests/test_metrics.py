@@ -26,14 +26,31 @@ def mnist():
 
 
 @pytest.fixture(scope="session")
-def trained_classifier(tmp_path_factory):
-    """The real classifier, trained once per session into a temporary cache (never the user's)."""
-    cache = tmp_path_factory.mktemp("ign_fast_cache")
+def cold_eval(tmp_path_factory):
+    """`ign-fast eval` as on a fresh install: the classifier cache (a temporary one, never the user's) is
+    empty, so the session's one real training of the classifier happens inside the command, under
+    evaluate_digits' no_grad, where it once failed (issue 12). (exit code, cache, seconds, report path)."""
+    from ign_fast.cli import main
+
+    root = tmp_path_factory.mktemp("cold_eval")
+    cache, run, report = root / "cache", str(root / "run"), root / "report.json"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IGN_FAST_CACHE", str(cache))
+        assert main(["train", "--latent-dim", "8", "--width", "8", "--batch-size", "16", "--no-progress",
+                     "--steps", "1", "--out", run]) == 0
         start = time.perf_counter()
-        classifier = metrics.load_digit_classifier()
+        code = main(["eval", run, "--n", "50", "--out", str(report)])
         seconds = time.perf_counter() - start
+    return code, cache, seconds, report
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(cold_eval):
+    """The real classifier, as the cold `ign-fast eval` above trained and cached it."""
+    _, cache, seconds, _ = cold_eval
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IGN_FAST_CACHE", str(cache))
+        classifier = metrics.load_digit_classifier()
     return classifier, cache, seconds
 
 
@@ -268,6 +285,14 @@ def test_classifier_trains_to_high_accuracy_and_loads_from_cache(trained_classif
     assert again.heldout_accuracy == classifier.heldout_accuracy
     for (name, a), (_, b) in zip(classifier.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_eval_with_an_empty_cache_trains_the_classifier_and_reports(cold_eval):
+    code, cache, _, report = cold_eval
+    assert code == 0
+    assert (cache / f"digit_classifier_v{metrics.CLASSIFIER_VERSION}.json").is_file()
+    result = json.loads(report.read_text())
+    assert result["n"] == 50 and result["classifier_heldout_accuracy"] >= 0.95
 
 
 def test_classifier_features_and_logits_shapes(trained_classifier, mnist):

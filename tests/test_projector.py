@@ -195,3 +195,33 @@ def test_bad_arguments_name_themselves(runs, tmp_path):
     with pytest.raises(TypeError, match="images must be a floating tensor"):
         projector.project(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
     assert os.path.isdir(run)
+
+
+def test_projector_checks_values_and_takes_any_float_dtype(runs):
+    """Issue 12: NaN passed through silently, float64 and unbatched float64 inputs ended in raw torch errors,
+    and [0, 255] pixels were projected without a word."""
+    run, _ = runs["group"]
+    projector = Projector.load(run)
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = projector.project(images)
+    torch.testing.assert_close(projector.project(images.double()), expected)
+    torch.testing.assert_close(projector.project(images[1].double()), expected[1:2])
+    torch.testing.assert_close(projector.distance(images.double()), projector.distance(images))
+    z = projector.noise(2, seed=0)
+    torch.testing.assert_close(projector.interpolate(z[0].double(), z[1].double(), 3),
+                               projector.interpolate(z[0], z[1], 3))
+    noisy = images + 0.5 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    assert projector.project(noisy).shape == images.shape  # noise on an image is a fair input
+    nan = images.clone()
+    nan[1, 0, 3, 3] = float("nan")
+    pixels = (images + 1) * 127.5
+    for call, fragment in [
+        (lambda: projector.project(nan), "images contains NaN or inf"),
+        (lambda: projector.distance(nan), "images contains NaN or inf"),
+        (lambda: projector.interpolate(z[0] * float("inf"), z[1], 3), "z_a contains NaN or inf"),
+        (lambda: projector.project(pixels), "images must be images in [-1, 1]"),
+        (lambda: projector.distance(pixels), "scale pixels p in [0, 255] as p / 127.5 - 1"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert fragment in str(info.value) and len(str(info.value).splitlines()) == 1, str(info.value)

@@ -1,4 +1,5 @@
 """The trainer and CLI end to end on tiny runs: train, sample, project, resume, and clean errors."""
+import argparse
 import csv
 import os
 import subprocess
@@ -49,10 +50,10 @@ def test_sample_and_project_write_grids(tmp_path, capsys):
     assert main(["train", *TINY, "--out", run, "--steps", "2", "--checkpoint-every", "2"]) == 0
     assert os.path.isfile(os.path.join(run, "samples.png"))
     assert main(["sample", run, "--n", "9", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
-    assert os.path.isfile(tmp_path / "s" / "samples.png")
+    assert os.path.isfile(tmp_path / "s" / "sample_step_00000002.png")
     from safetensors.torch import load_file
 
-    tensors = load_file(str(tmp_path / "s" / "samples.safetensors"))
+    tensors = load_file(str(tmp_path / "s" / "sample_step_00000002.safetensors"))
     assert tensors["f_z"].shape == (9, 1, 28, 28) and "f2_z" in tensors
     for corruption in ("noise", "mask", "sketch"):
         assert main(["project", run, "--n", "20", "--corruption", corruption, "--out", str(tmp_path / "p")]) == 0
@@ -150,3 +151,279 @@ def test_module_entry_point_exit_code_and_no_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "does not exist" in out.stderr
+
+
+# ----------------------------------------------------------------------------- what a new user hit (issue 12)
+
+
+@pytest.fixture(scope="module")
+def digit_run(tmp_path_factory):
+    """A 4-step digit run with checkpoints at steps 2 and 4; tests that change it work on a copy."""
+    run = str(tmp_path_factory.mktemp("digit_run") / "run")
+    assert main(["train", *TINY, "--out", run, "--steps", "4", "--checkpoint-every", "2"]) == 0
+    return run
+
+
+def copy_run(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, str(tmp_path / "copy"))
+
+
+def snapshot(run):
+    """Every file of a run folder and its bytes."""
+    files = {}
+    for folder, _, names in os.walk(run):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, run)] = f.read()
+    return files
+
+
+def one_error_line(capsys, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_training_into_a_used_run_folder_is_refused_and_the_old_run_kept(digit_run, tmp_path, capsys):
+    run = copy_run(digit_run, tmp_path)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", run, "--steps", "1"]) == 2
+    one_error_line(capsys, "is not empty", "--resume", "--out", "--overwrite")
+    assert snapshot(run) == before
+    assert ckpt.load_checkpoint(run)["meta"]["step"] == 4
+
+
+def test_overwrite_starts_a_new_run_and_keeps_the_users_other_files(digit_run, tmp_path):
+    run = copy_run(digit_run, tmp_path)
+    with open(os.path.join(run, "notes.txt"), "w") as f:
+        f.write("mine")
+    assert main(["train", *TINY, "--out", run, "--steps", "2", "--checkpoint-every", "1", "--overwrite"]) == 0
+    assert sorted(n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith("step_")) == [
+        "step_00000001", "step_00000002"]
+    assert ckpt.load_checkpoint(run)["meta"]["step"] == 2
+    assert [s for s, _ in read_losses(run)] == [1, 2]
+    assert open(os.path.join(run, "notes.txt")).read() == "mine"
+    assert main(["train", *TINY, "--out", run, "--resume", "--overwrite"]) == 2
+
+
+def test_pruning_keeps_the_checkpoint_just_written_and_latest_valid(tmp_path):
+    """A run resumed below checkpoints of higher step numbers (another history): keep=1 once deleted the
+    new checkpoint at once and left `latest` naming a folder that no longer existed."""
+    from ign_fast.models import build_model
+    from ign_fast.noise import GaussianPrior
+
+    model = build_model("mlp", dim=2)
+    optimizer = torch.optim.Adam(model.parameters())
+    run = str(tmp_path / "run")
+
+    def save(step, keep):
+        return ckpt.save_checkpoint(run, step, model=model, optimizer=optimizer, prior=GaussianPrior((2,)),
+                                    meta={"model_config": model.config}, rng_states={"cpu": torch.get_rng_state()},
+                                    keep=keep)
+
+    for step in (100, 200):
+        save(step, keep=3)
+    written = save(5, keep=1)
+    assert os.path.isdir(written)
+    assert ckpt.resolve_checkpoint(run) == written
+    assert ckpt.load_checkpoint(run)["meta"]["step"] == 5
+    names = sorted(n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith("step_"))
+    assert names == ["step_00000005", "step_00000100", "step_00000200"]  # the other history is not ours to prune
+    save(6, keep=1)
+    save(7, keep=2)
+    names = sorted(n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith("step_"))
+    assert names == ["step_00000006", "step_00000007", "step_00000100", "step_00000200"]
+
+
+def test_checkpoints_follow_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run = str(tmp_path / "run")
+        assert main(["train", *TINY, "--out", run, "--steps", "1"]) == 0
+    finally:
+        os.umask(old)
+    root = os.path.join(run, "checkpoints")
+    folder = ckpt.resolve_checkpoint(run)
+    assert os.stat(folder).st_mode & 0o777 == 0o755
+    for path in [os.path.join(root, ckpt.LATEST)] + [os.path.join(folder, f) for f in ckpt.CHECKPOINT_FILES]:
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
+def test_piped_training_logs_plain_lines(tmp_path, capsys):
+    """Not on a terminal (pytest captures both streams): plain lines on stdout every --log-every steps, no
+    progress-bar frames; --no-progress gives the same lines rather than silence until the end."""
+    for extra in ([], ["--no-progress"]):
+        run = str(tmp_path / f"run{len(extra)}")
+        args = ["train", "--latent-dim", "8", "--width", "8", "--batch-size", "16", "--steps", "4",
+                "--log-every", "2", "--out", run, *extra]
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        assert "\r" not in captured.err and "\r" not in captured.out
+        lines = [line for line in captured.out.splitlines() if line.startswith("step ")]
+        assert [line.split()[1] for line in lines] == ["2/4", "4/4"], captured.out
+        assert all("loss" in line and "steps/s" in line and "ETA" in line for line in lines)
+
+
+def test_train_summary_counts_this_calls_steps_and_a_run_past_its_target_says_so(digit_run, tmp_path, capsys):
+    import re
+
+    run = copy_run(digit_run, tmp_path)
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", run, "--steps", "6", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"trained 2 steps \(steps 5-6\) in \d+\.\d s", out), out
+    assert main(["train", *TINY, "--out", run, "--steps", "3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "already at step 6, past --steps 3" in out and "trained" not in out
+
+
+def test_every_option_has_help_and_step_mode_lists_its_choices():
+    from ign_fast.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    train = {a.dest: a.help for a in commands["train"]._actions}
+    assert all(mode in train["step_mode"] for mode in ("auto", "reference", "fused", "graph"))
+    assert "total" in train["steps"] and "--resume" in train["steps"]
+
+
+@pytest.mark.parametrize("argv, named, not_named", [
+    (["sample", "RUN", "--n", "0"], "--n must be", "--steps"),
+    (["sample", "RUN", "--steps", "0"], "--steps must be", "--n "),
+    (["project", "RUN", "--n", "-3"], "--n must be", "--steps"),
+    (["project", "RUN", "--steps", "0"], "--steps must be", "--n "),
+    (["eval", "RUN", "--n", "3"], "--n must be an integer >= 6", "--steps"),
+    (["project", "RUN", "--invert", "maybe"], "--invert must be auto, yes or no", "--n"),
+])
+def test_errors_name_the_one_argument_at_fault(digit_run, capsys, argv, named, not_named):
+    argv = [digit_run if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    err = one_error_line(capsys, named)
+    assert not_named not in err
+
+
+def test_a_batch_larger_than_the_data_set_says_so_plainly(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "five"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("L", (28, 28), color=40 * i).save(folder / f"{i}.png")
+    assert main(["train", "--data", "images", "--data-root", str(folder), "--image-size", "28", "--latent-dim",
+                 "8", "--width", "8", "--no-progress", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, "batch_size 64 is larger than the data set", "has 5 samples", "at most 5")
+
+
+def test_checkpoint_without_model_config_is_one_line_for_every_command(digit_run, tmp_path, capsys):
+    import json
+
+    run = copy_run(digit_run, tmp_path)
+    meta_path = os.path.join(ckpt.resolve_checkpoint(run), "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["model_config"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    capsys.readouterr()
+    for argv in (["sample", run], ["ood", run], ["export", run, "--out", str(tmp_path / "f.pt")],
+                 ["project", run, "--n", "5"], ["eval", run, "--n", "10"]):
+        assert main(argv) == 2, argv
+        one_error_line(capsys, "lacks model_config")
+
+
+def test_sample_and_project_write_beside_the_run_not_above_a_step_folder(digit_run, tmp_path, capsys):
+    import shutil
+
+    run = copy_run(digit_run, tmp_path)
+    assert main(["sample", run, "--n", "4"]) == 0
+    assert sorted(os.listdir(os.path.join(run, "samples"))) == [
+        "sample_step_00000004.png", "sample_step_00000004.safetensors", "step_00000004.png"]
+    assert not os.path.exists(os.path.join(run, "sample"))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    step = shutil.copytree(ckpt.resolve_checkpoint(run), str(kept / "step_00000004"))
+    assert main(["sample", step, "--n", "4"]) == 0
+    assert main(["project", step, "--n", "5"]) == 0
+    assert os.path.isfile(kept / "samples" / "sample_step_00000004.png")
+    assert os.path.isfile(kept / "project" / "project_noise.png")
+    assert sorted(os.listdir(step)) == sorted(ckpt.CHECKPOINT_FILES)  # nothing written into the checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["copy", "kept"]
+
+
+def test_project_images_refuses_a_non_image_and_an_empty_list(digit_run, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    capsys.readouterr()
+    assert main(["project", digit_run, "--images", str(notes), "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "--images", "notes.txt", "is not an image file")
+    with pytest.raises(SystemExit) as info:  # argparse: one usage line, exit 2, not the noise benchmark
+        main(["project", digit_run, "--images", "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert "expected at least one argument" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_project_images_with_one_stem_write_one_file_each(digit_run, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("L", (28, 28), color=10).save(tmp_path / "seven.png")
+    Image.new("L", (28, 28), color=250).convert("RGB").save(tmp_path / "seven.jpg")
+    out = tmp_path / "o"
+    assert main(["project", digit_run, "--images", str(tmp_path / "seven.png"), str(tmp_path / "seven.jpg"),
+                 "--invert", "no", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["seven_jpg_projected.png", "seven_png_projected.png"]
+    with Image.open(out / "seven_png_projected.png") as a, Image.open(out / "seven_jpg_projected.png") as b:
+        assert a.tobytes() != b.tobytes()
+    (tmp_path / "other").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "other" / "seven.png")
+    capsys.readouterr()
+    assert main(["project", digit_run, "--images", str(tmp_path / "seven.png"), str(tmp_path / "other" / "seven.png"),
+                 "--out", str(tmp_path / "o2")]) == 2
+    one_error_line(capsys, "other/seven.png", "would both be written as")
+
+
+def test_project_images_inverts_a_dark_on_white_scan_for_a_digit_model(digit_run, tmp_path, capsys):
+    from PIL import Image
+
+    from ign_fast.data import load_mnist5k
+
+    digit = load_mnist5k("test")[0][0, 0]
+    pixels = ((digit + 1) * 127.5).round().to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "digit.png")
+    Image.fromarray(255 - pixels).save(tmp_path / "scan.png")  # dark strokes on white paper
+    capsys.readouterr()
+    assert main(["project", digit_run, "--images", str(tmp_path / "scan.png"), str(tmp_path / "digit.png"),
+                 "--out", str(tmp_path / "auto")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "inverted" in lines[0] and "inverted" not in lines[1], lines
+    with Image.open(tmp_path / "auto" / "scan_projected.png") as a, \
+            Image.open(tmp_path / "auto" / "digit_projected.png") as b:
+        # the scan, inverted, is the digit itself (to float rounding, one grey level after quantisation)
+        assert max(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes())) <= 1
+    assert main(["project", digit_run, "--images", str(tmp_path / "scan.png"), "--invert", "no", "--out",
+                 str(tmp_path / "no")]) == 0
+    with Image.open(tmp_path / "no" / "scan_projected.png") as a, \
+            Image.open(tmp_path / "auto" / "scan_projected.png") as b:
+        assert a.tobytes() != b.tobytes()
+
+
+def test_load_png_center_crops_a_non_square_image_as_training_does(tmp_path):
+    from PIL import Image
+
+    from ign_fast.images import load_png
+
+    wide = Image.new("L", (90, 30), color=255)
+    wide.paste(0, (30, 0, 60, 30))  # white | black | white: the center square is black
+    wide.save(tmp_path / "wide.png")
+    loaded = load_png(str(tmp_path / "wide.png"), size=28)
+    assert loaded.shape == (1, 1, 28, 28)
+    assert float(loaded.mean()) < -0.9  # squashed, a third of it would be white
