@@ -53,7 +53,8 @@ def _add_train(sub):
                    help="NAIGN: steps between new pools of candidates")
     p.add_argument("--prior", default=d.prior, help="gaussian | fourier (default %(default)s)")
     p.add_argument("--step-mode", default=d.step_mode,
-                   help="auto | reference | fused | graph (default auto: graph on CUDA, fused on CPU)")
+                   help="auto | reference | fused | graph (default auto: fused; graph, the whole update as one CUDA "
+                        "graph, is opt-in until it has passed on a GPU)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default auto: cuda if available)")
     p.add_argument("--amp", default=d.amp, help="auto | bf16 | none")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights, data order and noise "
