@@ -5,7 +5,8 @@ A checkpoint is a folder `step_<N>/` inside `<run>/checkpoints/` holding
   prior.safetensors   the noise prior's statistics (so sampling needs no data)
   optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
   state.safetensors   random-number-generator states
-  meta.json           run config, step, data-loader position, model and prior configs
+  meta.json           run config, step, data-loader position, model record and prior config
+  ema.safetensors     the exponential moving average of the weights, when the run keeps one (optional)
 It is written into a temporary folder beside its final place, every file flushed and fsynced, then renamed
 into place; `<run>/checkpoints/latest` is replaced last (temp file + os.replace), so a crash at any moment
 leaves the previous checkpoint and pointer intact. The checkpoint just written and the `keep` - 1 before it
@@ -21,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_FILES = ("model.safetensors", "prior.safetensors", "optimizer.pt", "state.safetensors", "meta.json")
+EMA_FILE = "ema.safetensors"  # optional: only runs with an EMA of the weights write it
 LATEST = "latest"
 # Test-only: seconds to sleep after the files are written and before the rename, so a crash test's SIGKILL
 # lands inside a save often (tests/test_crash_resume.py). Unset or 0 in normal use.
@@ -83,8 +85,9 @@ def _contiguous_state(tensors):
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states, keep=3):
-    """Write checkpoint `step` atomically and return its folder."""
+def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states, keep=3, ema=None):
+    """Write checkpoint `step` atomically and return its folder. ema: the averaged weights (a state dict), or
+    None."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step_{step:08d}"
@@ -98,10 +101,14 @@ def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states,
                   os.path.join(tmp, "prior.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         save_file(_contiguous_state(rng_states), os.path.join(tmp, "state.safetensors"))
+        written = list(CHECKPOINT_FILES)
+        if ema is not None:
+            save_file(_contiguous_state(ema), os.path.join(tmp, EMA_FILE))
+            written.append(EMA_FILE)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, format_version=1), f, indent=2, sort_keys=True)
         file_mode = 0o666 & ~_umask()  # safetensors writes 0600 whatever the umask
-        for filename in CHECKPOINT_FILES:
+        for filename in written:
             os.chmod(os.path.join(tmp, filename), file_mode)
             _fsync_file(os.path.join(tmp, filename))
         _fsync_dir(tmp)
@@ -178,6 +185,13 @@ def load_checkpoint(path, map_location="cpu"):
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"checkpoint file {file!r} is corrupt ({str(error).splitlines()[0]})") from None
     tensors["prior"].pop("_empty", None)
+    tensors["ema"] = None
+    if os.path.isfile(os.path.join(folder, EMA_FILE)):
+        try:
+            tensors["ema"] = load_file(os.path.join(folder, EMA_FILE), device=str(map_location))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"checkpoint file {os.path.join(folder, EMA_FILE)!r} is corrupt "
+                                  f"({str(error).splitlines()[0]})") from None
     opt_file = os.path.join(folder, "optimizer.pt")
     try:
         optimizer = torch.load(opt_file, map_location=map_location, weights_only=True)
@@ -185,4 +199,4 @@ def load_checkpoint(path, map_location="cpu"):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint file {opt_file!r} is corrupt or unsafe to load ({first})") from None
     return {"folder": folder, "meta": meta, "model": tensors["model"], "prior": tensors["prior"],
-            "rng": tensors["state"], "optimizer": optimizer}
+            "rng": tensors["state"], "optimizer": optimizer, "ema": tensors["ema"]}

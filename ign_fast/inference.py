@@ -8,7 +8,6 @@ import torch
 from torch.func import functional_call
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .models import build_model
 from .noise import build_prior
 
 
@@ -40,28 +39,40 @@ def generate(model, z, steps=1):
     return apply_f(model, z, steps)
 
 
-def _rebuild(state, where):
+def _rebuild(state, where, model=None, trust_model_code=False, ema=True):
     """(model, prior) from a checkpoint's state; CheckpointError (one line) when its meta or weights do not
-    describe a model: a hand-edited meta.json or another program's checkpoint must not end in a KeyError."""
+    describe a model: a hand-edited meta.json or another program's checkpoint must not end in a KeyError.
+
+    The model is rebuilt from the checkpoint's record (a built-in model's config, or an import path and JSON
+    kwargs: ign_fast.model_record), or taken as given (model=, for a class that cannot be imported by its
+    path), then given the checkpoint's weights: the EMA of the weights when the run kept one and ema is True."""
+    from .model_record import ModelRecordError, rebuild
+
     meta = state["meta"]
     missing = [k for k in ("model_config", "prior_config") if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint {where} is not an ign_fast model checkpoint: its meta lacks "
                               f"{' and '.join(missing)}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     try:
-        model = build_model(**meta["model_config"])
-        model.load_state_dict(state["model"])
+        if model is None:
+            model = rebuild(meta["model_config"], trust_model_code)
+        weights = state.get("ema") if ema and state.get("ema") is not None else state["model"]
+        model.load_state_dict(weights)
         prior = build_prior(meta["prior_config"], state_dict=state["prior"])
+    except ModelRecordError as error:
+        raise CheckpointError(f"checkpoint {where}: {error}") from None
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {where} does not describe a loadable model ({first})") from None
     return model, prior
 
 
-def load_trained(path, device="cpu"):
+def load_trained(path, device="cpu", model=None, trust_model_code=False, ema=True):
     """(model, prior, meta) from a run folder or checkpoint folder, on device, in eval mode."""
     state = load_checkpoint(path)
-    model, prior = _rebuild(state, repr(state["folder"]))
+    model, prior = _rebuild(state, repr(state["folder"]), model, trust_model_code, ema)
     return model.to(device).eval(), prior, state["meta"]
 
 
@@ -136,19 +147,24 @@ class Projector:
         self.source = source                   # "checkpoint" or "torchscript"
 
     @classmethod
-    def load(cls, path_or_checkpoint, device="cpu"):
+    def load(cls, path_or_checkpoint, device="cpu", model=None, trust_model_code=False, ema=True):
+        """model: the trained module's architecture, for a run whose model class cannot be rebuilt from its
+        import path (defined in __main__, or trained without model_kwargs); its weights are replaced by the
+        checkpoint's. trust_model_code: allow a record naming a factory function (see model_record). ema: the
+        averaged weights when the run kept them (--ema-decay), else the trained ones."""
         import os
 
         from .export import load_torchscript
 
+        options = (model, trust_model_code, ema)
         if isinstance(path_or_checkpoint, dict):
-            return cls._from_checkpoint_state(path_or_checkpoint, device)
+            return cls._from_checkpoint_state(path_or_checkpoint, device, *options)
         if not isinstance(path_or_checkpoint, (str, os.PathLike)):
             raise TypeError(f"path_or_checkpoint must be a path or a checkpoint dict, got "
                             f"{type(path_or_checkpoint).__name__}")
         path = os.fspath(path_or_checkpoint)
         if os.path.isdir(path):
-            return cls._from_checkpoint_state(load_checkpoint(path), device)
+            return cls._from_checkpoint_state(load_checkpoint(path), device, *options)
         if not os.path.exists(path):
             raise ValueError(f"path_or_checkpoint {path!r} does not exist")
         if path.endswith((".pt2", ".onnx")):
@@ -168,14 +184,14 @@ class Projector:
                    "torchscript")
 
     @classmethod
-    def _from_checkpoint_state(cls, state, device):
+    def _from_checkpoint_state(cls, state, device, model=None, trust_model_code=False, ema=True):
         missing = [k for k in ("meta", "model", "prior") if k not in state]
         if missing:
             raise ValueError(f"path_or_checkpoint dict lacks {', '.join(missing)} (use load_checkpoint)")
         meta = state["meta"]
         if not isinstance(meta, dict) or "model_config" not in meta or "prior_config" not in meta:
             raise ValueError("path_or_checkpoint dict's meta lacks model_config or prior_config")
-        model, prior = _rebuild(state, repr(state.get("folder", "dict")))
+        model, prior = _rebuild(state, repr(state.get("folder", "dict")), model, trust_model_code, ema)
         model = model.to(device).eval()
 
         def sample_noise(n, seed=None):

@@ -84,7 +84,8 @@ def record_for(model, kwargs=None, target=None):
         return dict(config) if isinstance(config, dict) else {"name": target, **check_kwargs(kwargs)}
     else:
         parse_target(target)
-    return {"target": target, "kwargs": check_kwargs(kwargs)}
+    # kwargs None: not known (a model handed over as an object); rebuild then needs the model itself
+    return {"target": target, "kwargs": None if kwargs is None else check_kwargs(kwargs)}
 
 
 def _is_stdlib(module):
@@ -127,6 +128,10 @@ def rebuild(record, trust_model_code=False):
         raise ModelRecordError("this run's model class was defined in __main__ or inside a function and cannot be "
                                "imported: pass the model itself (Projector.load(run, model=instance))")
     if "target" in record:
+        if record.get("kwargs", {}) is None:
+            raise ModelRecordError(f"this run's model {record['target']!r} was given to the trainer without "
+                                   f"model_kwargs, so it cannot be rebuilt: pass the model itself "
+                                   f"(Projector.load(run, model=instance)) or train with model_kwargs=")
         factory = resolve(record["target"], trust_model_code)
         kwargs = check_kwargs(record.get("kwargs"))
         try:

@@ -10,6 +10,12 @@ did not have start afresh, from (seed, rank, step).
 
 A step whose loss is not finite is skipped (no update) and counted; max_nonfinite_steps of them in a row stop
 training with NonFiniteTrainingError, and no checkpoint is written at a skipped step.
+
+The trainer composes objects, as Lightning's Trainer does: `Trainer(config, model=..., data=...)` takes any
+nn.Module whose output has its input's shape and any data (a tensor [N, ...], kept in memory, or a map-style
+Dataset of images or (image, label) pairs, streamed by worker processes); the config builds what is not given
+(a built-in model or MODULE:ATTR with model_kwargs; a named data set, "images" streamed from disk). A
+checkpoint records how to rebuild the model (ign_fast.model_record), never a pickle of it.
 """
 import csv
 import dataclasses
@@ -25,13 +31,17 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .data import InMemoryLoader, load_dataset
+from .ema import EMA
 from .images import border_mean, save_image_grid
 from .inference import generate
-from .models import build_model
+from .model_record import build as build_named_model
+from .model_record import parse_target, record_for
+from .models import MODEL_NAMES, UNet, build_model
 from .naign import NAIGNLoss, NAIGNStep
 from .noise import build_prior
 from .objectives import IGNLoss
-from .step import IGNStep
+from .step import IGNStep, frozen_state
+from .streaming import ImageFolderDataset, StreamingLoader, to_model_range
 
 
 @dataclasses.dataclass
@@ -40,7 +50,9 @@ class TrainConfig:
     data: str = "mnist5k"
     data_root: str | None = None
     image_size: int | None = None
-    model: str = "dcgan28"
+    model: str = "dcgan28"            # a built-in name (dcgan28, dcgan64, mlp, unet) or MODULE:ATTR
+    model_kwargs: dict | None = None  # JSON keyword arguments of the model (MODULE:ATTR, or unet's depth/blocks)
+    trust_model_code: bool = False    # MODULE:ATTR may name a factory function, not only an nn.Module class
     norm: str = "group"
     latent_dim: int = 64
     width: int = 32
@@ -70,6 +82,8 @@ class TrainConfig:
     progress: bool | str = True       # True/"auto": a bar on a terminal, plain lines when piped; "lines"; False
     max_nonfinite_steps: int = 10     # non-finite steps in a row (each skipped) before training stops
     sync_batchnorm: bool = False      # under torchrun: BatchNorm statistics over the global batch (CUDA only)
+    ema_decay: float | None = None    # keep an EMA of the weights (e.g. 0.999) for sampling, projection, export
+    num_workers: int = 2              # processes decoding streamed images (data "images" or a Dataset)
 
     def resolved(self):
         """A copy with every None default replaced by the objective's own default."""
@@ -96,7 +110,20 @@ def validate_config(c):
     from .models import MODEL_NAMES
     from .noise import PRIOR_KINDS
 
-    choices = {"objective": ("ign", "naign"), "data": DATASET_NAMES, "model": MODEL_NAMES,
+    if c.model not in MODEL_NAMES:
+        parse_target(c.model)  # a one-line error naming the built-in names and the MODULE:ATTR form
+    if c.model_kwargs is not None:
+        from .model_record import check_kwargs
+
+        check_kwargs(c.model_kwargs)
+    if c.ema_decay is not None and (isinstance(c.ema_decay, bool) or not isinstance(c.ema_decay, (int, float))
+                                    or not 0 < c.ema_decay < 1):
+        raise ValueError(f"ema_decay must be a number in (0, 1), e.g. 0.999, or None, got {c.ema_decay!r}")
+    if isinstance(c.num_workers, bool) or not isinstance(c.num_workers, int) or c.num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {c.num_workers!r}")
+    if not isinstance(c.trust_model_code, bool):
+        raise ValueError(f"trust_model_code must be True or False, got {c.trust_model_code!r}")
+    choices = {"objective": ("ign", "naign"), "data": DATASET_NAMES,
                "norm": ("batch", "group", "none"), "distance": ("l1", "l2"), "prior": PRIOR_KINDS,
                "step_mode": ("auto", "reference", "fused", "graph"), "amp": ("auto", "bf16", "none")}
     for name, allowed in choices.items():
@@ -139,18 +166,69 @@ def validate_config(c):
     resolve_device(c.device)
 
 
+def unet_depth_for(size):
+    """The deepest U-Net (at most 5 levels) whose coarsest feature map is still at least 4 pixels wide."""
+    depth = 1
+    while depth < 5 and size % (2 ** depth) == 0 and size // (2 ** depth) >= 4:
+        depth += 1
+    return depth
+
+
 def build_model_for(config, sample_shape):
-    """The model named in config, sized for data of per-sample shape sample_shape."""
+    """(model, record): the model named in config, sized for data of per-sample shape sample_shape, and how
+    a checkpoint rebuilds it."""
+    kwargs = dict(config.model_kwargs or {})
+    if config.model not in MODEL_NAMES:  # MODULE:ATTR: the user's own model, built by its kwargs alone
+        model = build_named_model(config.model, kwargs, config.trust_model_code)
+        return model, record_for(model, kwargs=kwargs, target=config.model)
     if config.model == "mlp":
         if len(sample_shape) != 1:
             raise ValueError(f"model 'mlp' needs vector data, got samples of shape {tuple(sample_shape)}")
-        return build_model("mlp", dim=sample_shape[0])
-    expected = {"dcgan28": 28, "dcgan64": 64}[config.model]
-    if len(sample_shape) != 3 or sample_shape[1] != expected or sample_shape[2] != expected:
-        raise ValueError(f"model {config.model!r} needs images of {expected}x{expected}, got samples of shape "
-                         f"{tuple(sample_shape)}")
-    return build_model(config.model, in_channels=sample_shape[0], latent_dim=config.latent_dim,
-                       width=config.width, norm=config.norm)
+        model = build_model("mlp", **{"dim": sample_shape[0], **kwargs})
+    elif config.model == "unet":
+        if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
+            raise ValueError(f"model 'unet' needs square images, got samples of shape {tuple(sample_shape)}")
+        options = {"width": config.width, "depth": unet_depth_for(sample_shape[1]), **kwargs}
+        model = UNet(in_channels=sample_shape[0], image_size=sample_shape[1], **options)
+    else:
+        expected = {"dcgan28": 28, "dcgan64": 64}[config.model]
+        if len(sample_shape) != 3 or sample_shape[1] != expected or sample_shape[2] != expected:
+            raise ValueError(f"model {config.model!r} needs images of {expected}x{expected}, got samples of shape "
+                             f"{tuple(sample_shape)}")
+        options = {"latent_dim": config.latent_dim, "width": config.width, "norm": config.norm, **kwargs}
+        model = build_model(config.model, in_channels=sample_shape[0], **options)
+    return model, record_for(model)
+
+
+def check_model_fits(model, sample):
+    """The model must map a batch of the data to the same shape: one forward on two samples, with the
+    buffers cloned (BatchNorm's running statistics untouched), so a mismatch is one line before training."""
+    from torch.func import functional_call
+
+    with torch.no_grad():
+        out = functional_call(model, frozen_state(model), (sample,))
+    if not isinstance(out, torch.Tensor) or out.shape != sample.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model must return its input's shape: for data samples of shape {tuple(sample.shape[1:])} "
+                         f"it returned {got} for a batch of {sample.shape[0]}")
+
+
+# The Fourier prior's statistics and the border brightness come from at most this many samples: a bounded
+# sample, not the whole data set in memory (MNIST-5k's 4,000 training digits are all used)
+PRIOR_FIT_SAMPLES = 10_000
+STREAMED_PRIOR_FIT_SAMPLES = 2_048  # decoded from disk at start-up: a few seconds
+
+
+def data_sample(source, limit, seed):
+    """Up to `limit` samples of a tensor or Dataset, in [-1, 1] floats: all of them when there are fewer, else
+    a seeded random subset."""
+    n = source.shape[0] if isinstance(source, torch.Tensor) else len(source)
+    index = torch.arange(n) if n <= limit else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    if isinstance(source, torch.Tensor):
+        return source[index]
+    items = [source[int(i)] for i in index]
+    images = [item if isinstance(item, torch.Tensor) else item[0] for item in items]
+    return to_model_range(torch.stack(images)).float()
 
 
 def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
@@ -291,7 +369,10 @@ def clear_run_outputs(out):
 
 
 class Trainer:
-    def __init__(self, config, resume=False, overwrite=False):
+    def __init__(self, config, resume=False, overwrite=False, model=None, data=None, model_kwargs=None):
+        """model: an nn.Module to train instead of the config's (model_kwargs: the JSON keyword arguments its
+        class is rebuilt with from a checkpoint; without them, load the run with Projector.load(run,
+        model=instance)). data: a tensor [N, ...] or a map-style Dataset instead of the config's data set."""
         self.config = config.resolved()
         validate_config(self.config)
         c = self.config
@@ -306,26 +387,43 @@ class Trainer:
                              "train on GPUs or without --sync-batchnorm")
         self.device = resolve_device(device_name)
         torch.manual_seed(c.seed)
-        self.data, self.labels = load_dataset(c.data, root=c.data_root, split="train", size=c.image_size,
-                                              seed=c.seed)
-        check_data(c.data, self.data)
-        shard = math.ceil(self.data.shape[0] / world)  # as InMemoryLoader deals the data out to the ranks
+        source = self._data_source(data)
+        self.data = source if isinstance(source, torch.Tensor) else None  # in memory, or None when streamed
+        fit_limit = PRIOR_FIT_SAMPLES if self.data is not None else STREAMED_PRIOR_FIT_SAMPLES
+        sample = data_sample(source, fit_limit if c.prior == "fourier" else 256, c.seed)
+        count = self.data.shape[0] if self.data is not None else len(source)
+        shard = math.ceil(count / world)  # as the loaders deal the data out to the ranks
         if c.batch_size // world > shard:
             ranks = f" ({shard} per rank on {world} ranks)" if world > 1 else ""
-            raise ValueError(f"batch_size {c.batch_size} is larger than the data set: {c.data!r} has "
-                             f"{self.data.shape[0]} samples{ranks}; pass a batch_size of at most {shard * world}")
+            name = repr(c.data) if data is None else "the data given"
+            raise ValueError(f"batch_size {c.batch_size} is larger than the data set: {name} has {count} samples"
+                             f"{ranks}; pass a batch_size of at most {shard * world}")
+        if self.data is not None:
+            check_data(c.data if data is None else "data", self.data)
+            self.loader = InMemoryLoader(self.data, c.batch_size // world, seed=c.seed, rank=self.dist.rank,
+                                         world_size=world)
+        else:
+            self.loader = StreamingLoader(source, c.batch_size // world, seed=c.seed, rank=self.dist.rank,
+                                          world_size=world, num_workers=c.num_workers)
+        self.sample_shape = tuple(sample.shape[1:])
         # recorded in checkpoints so `ign-fast project --images` can tell a scan's paper from the data's
         # background (dark strokes on white against white-on-black digits) and invert it
-        self.data_border_mean = float(border_mean(self.data[:1000]).mean()) if self.data.dim() == 4 else None
-        self.model = build_model_for(c, tuple(self.data.shape[1:]))
+        self.data_border_mean = float(border_mean(sample[:1000]).mean()) if sample.dim() == 4 else None
+        if model is None:
+            self.model, self.model_record = build_model_for(c, self.sample_shape)
+        elif isinstance(model, torch.nn.Module):
+            self.model, self.model_record = model, record_for(model, kwargs=model_kwargs)
+        else:
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         if c.sync_batchnorm and self.dist.enabled:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model = self.model.to(self.device)
+        self.model_dtype = next(iter(self.model.parameters()), torch.empty(0)).dtype
+        check_model_fits(self.model, sample[:2].to(self.device, self.model_dtype))
         self.dist.broadcast_module(self.model)  # identical replicas, whatever each rank's RNG did
-        self.prior = build_prior(c.prior, data=self.data, shape=tuple(self.data.shape[1:]))
+        self.prior = build_prior(c.prior, data=sample, shape=self.sample_shape)
+        self.ema = EMA(self.model, c.ema_decay) if c.ema_decay is not None else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
-        self.loader = InMemoryLoader(self.data, c.batch_size // world, seed=c.seed, rank=self.dist.rank,
-                                     world_size=world)
         self.noise_generator = torch.Generator().manual_seed(distributed.rank_seed(c.seed, self.dist.rank))
         self.amp = c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda")
         self.step_fn = build_step(c, self.model, self.optimizer, self.sample_noise, self.device,
@@ -348,6 +446,21 @@ class Trainer:
             with open(os.path.join(c.out, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(c), f, indent=2)
 
+    def _data_source(self, data):
+        """The tensor or Dataset the run trains on: data as given, or the config's data set."""
+        c = self.config
+        if data is not None:
+            if isinstance(data, torch.Tensor) or isinstance(data, torch.utils.data.Dataset):
+                return data
+            raise TypeError(f"data must be a tensor [N, ...] or a map-style torch.utils.data.Dataset, got "
+                            f"{type(data).__name__}")
+        if c.data == "images":  # streamed from disk: memory does not grow with the number of files
+            dataset = ImageFolderDataset(c.data_root, size=c.image_size or 64, channels=3)
+            if dataset.skipped and self.dist.is_main:
+                print(f"ign-fast: {dataset.skipped_summary()}", file=sys.stderr)
+            return dataset
+        return load_dataset(c.data, root=c.data_root, split="train", size=c.image_size, seed=c.seed)[0]
+
     def sample_noise(self, n):
         # drawn on the CPU from the trainer's own generator, so a resumed run draws the same numbers
         return self.prior.sample(n, generator=self.noise_generator).to(self.device)
@@ -355,7 +468,8 @@ class Trainer:
     def _meta(self):
         # the loader position counts global batches (every rank takes one shard of each), so it holds at
         # any world size as long as the global batch_size is the same
-        return {"config": dataclasses.asdict(self.config), "model_config": self.model.config,
+        return {"config": dataclasses.asdict(self.config), "model_config": self.model_record,
+                "sample_shape": list(self.sample_shape), "ema_updates": self.ema.updates if self.ema else None,
                 "prior_config": self.prior.to_config(), "loader": self.loader.state_dict(),
                 "naign_calls": getattr(self.step_fn, "calls", 0), "world_size": self.dist.world_size,
                 "global_batch_size": self.config.batch_size, "data_border_mean": self.data_border_mean}
@@ -385,7 +499,7 @@ class Trainer:
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.config.out, self.step, model=self.model, optimizer=self.optimizer,
                                         prior=self.prior, meta=self._meta(), rng_states=self._rng_states(per_rank),
-                                        keep=self.config.keep)
+                                        keep=self.config.keep, ema=self.ema.state_dict() if self.ema else None)
         # no rank runs on (or exits, or resumes) before the checkpoint is complete on disk
         self.dist.barrier()
         return path
@@ -401,10 +515,19 @@ class Trainer:
                 return None
             raise
         meta = state["meta"]
-        if meta["model_config"] != self.model.config:
+        if meta["model_config"] != self.model_record:
             raise ckpt.CheckpointError(f"checkpoint model {meta['model_config']} does not match the run's "
-                                       f"model {self.model.config}")
-        self.model.load_state_dict(state["model"])
+                                       f"model {self.model_record}")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:  # a model given as an object: its record may not show the difference
+            raise ckpt.CheckpointError(f"checkpoint weights do not fit the run's model "
+                                       f"({str(error).strip().splitlines()[0]})") from None
+        if self.ema is not None:
+            if state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"], updates=meta.get("ema_updates") or 0)
+            else:  # EMA switched on at resume: the average starts from the resumed weights
+                self.ema = EMA(self.model, self.config.ema_decay)
         self.prior.load_state_dict(state["prior"])
         self.optimizer.load_state_dict(state["optimizer"])
         saved_batch = meta.get("global_batch_size", self.config.batch_size)
@@ -455,17 +578,25 @@ class Trainer:
 
     def train_step(self):
         x = self.loader.next_batch().to(self.device, non_blocking=True)
+        x = to_model_range(x).to(self.model_dtype)  # uint8 pixels travel as bytes, then become [-1, 1] floats
         if isinstance(self.step_fn, IGNStep):
             out = self.step_fn(x, self.sample_noise(x.shape[0]))
         else:
             out = self.step_fn(x)
+        if self.ema is not None and not self.step_fn.last_skipped:
+            self.ema.update(self.model)
         self.step += 1
         return out
 
     def write_samples(self, path, n=64):
+        """A grid of f(z) for a fixed z, with the EMA weights when the run keeps them (what sampling uses)."""
         with torch.no_grad():
             z = self.prior.sample(n, generator=torch.Generator().manual_seed(1234)).to(self.device)
-            fz = generate(self.model, z)
+            if self.ema is not None:
+                with self.ema.applied(self.model):
+                    fz = generate(self.model, z)
+            else:
+                fz = generate(self.model, z)
         if fz.dim() == 4:
             save_image_grid(fz.float().cpu(), path, nrow=int(math.sqrt(n)))
         return path

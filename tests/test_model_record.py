@@ -108,4 +108,4 @@ def test_a_class_defined_in_a_function_records_no_target():
         def forward(self, x):
             return x
 
-    assert record_for(Local()) == {"target": None, "kwargs": {}}
+    assert record_for(Local()) == {"target": None, "kwargs": None}
