@@ -29,7 +29,19 @@ def _add_train(sub):
                    help="mnist5k | mnist | images | trimodal | 8gaussians | moons | rings (default %(default)s)")
     p.add_argument("--data-root", default=None, help="folder for --data mnist (IDX files) or images")
     p.add_argument("--image-size", type=int, default=None, help="resize for --data images")
-    p.add_argument("--model", default=d.model, help="dcgan28 | dcgan64 | mlp (default %(default)s)")
+    p.add_argument("--model", default=d.model,
+                   help="dcgan28 | dcgan64 | mlp | unet, or your own as MODULE:ATTR (a class or, with "
+                        "--trust-model-code, a factory; MODULE importable, e.g. on PYTHONPATH) (default %(default)s)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments of the model as a JSON object, e.g. '{\"width\": 64}' (recorded in "
+                        "checkpoints to rebuild it; for unet: depth, blocks)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="let --model name a factory function, not only an nn.Module class")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999); sampling, "
+                        "projection, evaluation and export then use it (default: off)")
+    p.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="processes decoding images for --data images (default %(default)s)")
     p.add_argument("--norm", default=d.norm, help="batch | group | none (default %(default)s)")
     p.add_argument("--latent-dim", type=int, default=d.latent_dim,
                    help="channels of the model's bottleneck (default %(default)s)")
@@ -84,6 +96,10 @@ def cmd_train(args):
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["progress"] = "lines" if args.no_progress else "auto"
+    if args.model_kwargs is not None:
+        from .model_record import parse_kwargs_json
+
+        values["model_kwargs"] = parse_kwargs_json(args.model_kwargs)
     config = TrainConfig(**values)
     trainer, summary = train(config, resume=args.resume, overwrite=args.overwrite)
     try:
@@ -101,7 +117,7 @@ def cmd_train(args):
                   f"run folder: {config.out}")
             if summary["nonfinite_steps"]:
                 print(f"skipped {summary['nonfinite_steps']} steps with a non-finite loss")
-            if trainer.data.dim() == 4:
+            if len(trainer.sample_shape) == 3:
                 print(f"samples: {last}")
     finally:
         trainer.close()
@@ -113,7 +129,8 @@ def _load(args):
     from .trainer import resolve_device
 
     device = resolve_device(args.device)
-    model, prior, meta = load_trained(args.checkpoint, device)
+    model, prior, meta = load_trained(args.checkpoint, device, trust_model_code=args.trust_model_code,
+                                      ema=not args.no_ema)
     return model, prior, meta, device
 
 
@@ -330,7 +347,8 @@ def cmd_export(args):
     from .inference import load_trained
 
     _check_positive("--steps", args.steps)
-    model, prior, meta = load_trained(args.checkpoint, "cpu")
+    model, prior, meta = load_trained(args.checkpoint, "cpu", trust_model_code=args.trust_model_code,
+                                      ema=not args.no_ema)
     written = export_projector(model, args.out, steps=args.steps, format=args.format,
                                prior=None if args.no_prior else prior)
     for path in written:
@@ -338,9 +356,17 @@ def cmd_export(args):
     return 0
 
 
+def _add_model_loading(p):
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="rebuild a model whose checkpoint names a factory function (MODULE:ATTR), not a class")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the trained weights even where the run kept an EMA of them (default: the EMA)")
+
+
 def _add_checkpoint_command(sub, name, help_text):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
+    _add_model_loading(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and corruptions drawn (default %(default)s)")
     return p
@@ -377,6 +403,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=1, help="N in f^N (default %(default)s)")
     p.add_argument("--out", required=True, help="file to write (.pt for torchscript, .pt2, .onnx)")
     p.add_argument("--no-prior", action="store_true", help="export the projector only, no generation")
+    _add_model_loading(p)
     _add_checkpoint_command(sub, "ood", "AUROC of the drift score: held-out digits vs noise, inverted, rotated")
     return parser
 

@@ -74,14 +74,15 @@ def uses_batch_statistics(model: nn.Module) -> bool:
 
 def _body_of(model: nn.Module) -> nn.Module:
     """f as a plain torch module: the ign_fast model classes keep a Python dict config and a Python shape check,
-    which TorchScript cannot compile; the exported wrapper does its own shape check with baked sizes."""
-    name = model.config["name"]
+    which TorchScript cannot compile, so their layers are taken without them (the exported wrapper does its own
+    shape check with baked sizes); any other module is taken whole."""
+    name = model.config.get("name") if isinstance(getattr(model, "config", None), dict) else None
     if name in ("dcgan28", "dcgan64"):
         body = nn.Sequential(model.encoder, model.decoder)
     elif name == "mlp":
         body = model.net
     else:
-        raise ValueError(f"model {name!r} cannot be exported")
+        body = model
     body = _with_batch_statistics(body)
     body.eval()  # GroupNorm and friends are stateless; eval() only fixes any dropout-like layer
     for p in body.parameters():
@@ -166,10 +167,12 @@ class ExportedProjector(nn.Module):
     draws eps ~ N(0, I) (from torch.Generator().manual_seed(seed) when a seed is given, so Python, TorchScript
     and C++ draw the same numbers), maps it through the prior and applies f^steps."""
 
-    def __init__(self, model: nn.Module, steps: int = 1, prior=None):
+    def __init__(self, model: nn.Module, steps: int = 1, prior=None, input_shape=None):
         super().__init__()
         self.f = _body_of(model)
-        self.input_shape: List[int] = list(expected_input_shape(model))
+        if input_shape is None:
+            input_shape = prior.shape if prior is not None else expected_input_shape(model)
+        self.input_shape: List[int] = list(input_shape)
         self.default_steps: int = steps
         self.has_prior: bool = prior is not None
         self.prior_kind: str = prior.kind if prior is not None else "none"
@@ -249,10 +252,12 @@ def _check_steps(steps):
 
 
 def _metadata(projector, fmt, steps, model):
+    from .model_record import record_for
+
     return {
         "format": FORMAT_TAG, "version": FORMAT_VERSION, "export_format": fmt, "steps": steps,
         "input_shape": projector.input_shape, "noise_shape": projector.noise_shape,
-        "prior": projector.prior_kind, "model_config": model.config,
+        "prior": projector.prior_kind, "model_config": record_for(model),
         "normalization": "batch-statistics" if uses_batch_statistics(model) else "eval",
     }
 
@@ -331,9 +336,39 @@ def _quiet_torchscript_deprecation():
         yield
 
 
-def export_projector(model, path, steps=1, format="torchscript", prior=None):
+def _scriptable_body(projector):
+    """TorchScript needs f compiled: scripted where the module's code allows it, else traced (the module's
+    Python runs once with an example batch) with a check that the traced program still takes another batch
+    size and gives the eager module's values."""
+    body = projector.f
+    try:
+        with _quiet_torchscript_deprecation():
+            return torch.jit.script(body)
+    except Exception as script_error:
+        example = _example_batch(projector.input_shape, 2)
+        try:
+            with _quiet_torchscript_deprecation(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(body, (example,), check_trace=False)
+            other = _example_batch(projector.input_shape, 3)
+            with torch.no_grad():
+                same = torch.allclose(traced(other), body(other), rtol=1e-4, atol=1e-5)
+        except Exception as trace_error:
+            raise ValueError(f"model cannot be exported to TorchScript: scripting failed "
+                             f"({_first_line(script_error)}) and so did tracing ({_first_line(trace_error)})") from None
+        if not same:
+            raise ValueError(f"model cannot be exported to TorchScript: scripting failed ({_first_line(script_error)}) "
+                             f"and the traced program does not keep the batch size free (it differs from the model "
+                             f"at batch 3); try format 'export' or 'onnx'")
+        return traced
+
+
+def export_projector(model, path, steps=1, format="torchscript", prior=None, input_shape=None):
     """Write f^steps (and generation from prior, when given) to path in format; returns the written paths,
-    path first. model is an ign_fast model (ign_fast.models); prior a GaussianPrior or FourierPrior."""
+    path first. model is any nn.Module mapping [B, *input_shape] to the same shape (ign_fast's models, or
+    your own: TorchScript scripts it, or traces it when it cannot be scripted; torch.export and ONNX trace
+    it with a free batch size); prior a GaussianPrior or FourierPrior. input_shape: the per-sample shape f
+    takes, needed only when there is no prior and the model is not one of ign_fast's."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     steps = _check_steps(steps)
@@ -342,22 +377,32 @@ def export_projector(model, path, steps=1, format="torchscript", prior=None):
     required_suffix = {"export": ".pt2", "onnx": ".onnx"}.get(format)
     if required_suffix is not None and not os.fspath(path).endswith(required_suffix):
         raise ValueError(f"path must end in {required_suffix} for format {format!r}, got {os.fspath(path)!r}")
-    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), dict):
-        raise TypeError(f"model must be an ign_fast model, got {type(model).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if prior is None and input_shape is None:
+        try:
+            expected_input_shape(model)
+        except TypeError:
+            raise ValueError("input_shape must be given (the per-sample shape f takes) to export a model that is "
+                             "not one of ign_fast's without a prior") from None
     model = copy.deepcopy(model).cpu().float()
     if prior is not None:
         prior = copy.deepcopy(prior).cpu()
-    projector = ExportedProjector(model, steps, prior).cpu().eval()
+    projector = ExportedProjector(model, steps, prior, input_shape).cpu().eval()
     metadata = _metadata(projector, format, steps, model)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if format == "torchscript":
+        projector.f = _scriptable_body(projector)
         with _quiet_torchscript_deprecation():
             scripted = torch.jit.script(projector)
             torch.jit.save(scripted, path, _extra_files={METADATA_NAME: json.dumps(metadata)})
         return [path]
     if format == "export":
-        forward_program, generate_program = _export_programs(projector, steps)
+        try:
+            forward_program, generate_program = _export_programs(projector, steps)
+        except Exception as error:  # torch.export names the op or line it could not trace
+            raise ValueError(f"model cannot be exported with torch.export: {_first_line(error)}") from None
         torch.export.save(forward_program, path, extra_files={METADATA_NAME: json.dumps(metadata)})
         written = [path]
         if generate_program is not None:
