@@ -26,6 +26,8 @@ esac
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# the GPU kernels are opt-in until this check has passed (ign_fast/ops.py GPU_KERNELS_VERIFIED): use them
+export IGN_FAST_BACKEND=${IGN_FAST_BACKEND:-native}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's ign_fast, also before it is installed
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-470}

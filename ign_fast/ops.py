@@ -16,7 +16,14 @@ from .validation import (check_distance_kind, check_nonempty_rows, check_nonnega
                          check_tensor)
 
 BACKENDS = ("auto", "native", "triton", "torch")
-_backend = "auto"
+# No CUDA or Triton kernel of ign_fast has run on a GPU yet (README, "What has run on a GPU"). Until the GPU
+# check passes, "auto" runs CUDA tensors on the PyTorch reference and the GPU kernels are opt-in:
+# set_backend("native") or "triton", or IGN_FAST_BACKEND=native. Set this to True in the commit that records
+# the passing GPU run in benchmarks/RESULTS.md.
+GPU_KERNELS_VERIFIED = False
+_backend = os.environ.get("IGN_FAST_BACKEND", "auto") or "auto"
+if _backend not in BACKENDS:
+    raise ValueError(f"IGN_FAST_BACKEND must be one of {', '.join(BACKENDS)}; got {_backend!r}")
 
 
 def set_backend(name):
@@ -62,12 +69,15 @@ def triton_available(t):
 def kernel_path(t):
     """Which implementation the ops run for tensors like t: "native", "triton" or "torch".
 
-    "auto" and "native" take the compiled kernel of t's device (on CUDA "auto" is the CUDA kernel until GPU
-    timings say Triton is faster), then Triton, then the reference. "triton" takes Triton where it can run
+    "auto" and "native" take the compiled kernel of t's device, then Triton, then the reference; "auto" takes
+    the reference for CUDA tensors until GPU_KERNELS_VERIFIED (above), and then the CUDA kernel until GPU
+    timings say Triton is faster. "triton" takes Triton where it can run
     and otherwise falls back the same way, so a script that chose Triton for its GPU work still runs its CPU
     work. "torch" is always the reference.
     """
     if _backend == "torch":
+        return "torch"
+    if _backend == "auto" and t.device.type == "cuda" and not GPU_KERNELS_VERIFIED:
         return "torch"
     if _backend == "triton" and triton_available(t):
         return "triton"

@@ -69,6 +69,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _gpu_kernels_on():
+    """On a GPU the tests exist to check the CUDA kernels, which "auto" leaves off until they have passed
+    there (ops.GPU_KERNELS_VERIFIED): every test runs with backend "native" unless it picks its own."""
+    if not CUDA:
+        yield
+        return
+    from ign_fast import ops
+
+    before = ops.get_backend()
+    ops.set_backend("native")
+    yield
+    ops.set_backend(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     # For modules of small tensors: on a shared 2-core machine a second OpenMP thread mostly spin-waits for

@@ -1,5 +1,6 @@
 """The Triton kernels (kernels/ign_loss.py, kernels/per_sample_distance.py) against the reference. Without a
 GPU they run under TRITON_INTERPRET=1 (tests/conftest.py sets it), so sizes stay small."""
+import os
 import subprocess
 import sys
 
@@ -430,3 +431,25 @@ def test_compiled_kernels_take_lambdas_and_ratio_as_float64():
     assert (f64_params_fin, f64_params_bwd, approx_exp) == (4, 4, 0) and f64_math > 0, out.stdout
     f64_params_fin, f64_params_bwd, _, f64_math = rows["fp32"]
     assert (f64_params_fin, f64_params_bwd, f64_math) == (4, 4, 0), out.stdout
+
+
+def test_auto_keeps_cuda_tensors_on_the_reference_until_the_gpu_kernels_are_verified(monkeypatch):
+    # the rule: a path never executed on a GPU is opt-in there
+    import types
+
+
+    cuda_like = types.SimpleNamespace(device=torch.device("cuda"))  # kernel_path reads only the device
+    monkeypatch.setattr(ops, "_backend", "auto")
+    assert not ops.GPU_KERNELS_VERIFIED
+    assert ops.kernel_path(cuda_like) == "torch"
+    assert ops.kernel_path(torch.empty(2, 3)) == "native"
+
+
+def test_ign_fast_backend_variable_sets_the_backend_at_import():
+    code = "import ign_fast; print(ign_fast.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "IGN_FAST_BACKEND": "torch"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "torch", out.stderr[-500:]
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "IGN_FAST_BACKEND": "cuda"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "IGN_FAST_BACKEND must be one of auto, native, triton, torch" in bad.stderr
