@@ -1,6 +1,5 @@
 """Benchmark of the IGN loss: eager reference, torch.compile of the reference, the native op (C++/CUDA) and
-the Triton op (GPU only), in forward, backward and forward+backward, float32 and bfloat16; and
-ign_loss_with_grad (loss and gradients in one call, as a fused step uses it) in forward+backward.
+the Triton op (GPU only), in forward, backward and forward+backward, float32 and bfloat16.
 
     python benchmarks/bench_ign_loss.py [--quick] [--device cpu|cuda] [--reps N]
 
@@ -88,7 +87,6 @@ def providers(device):
              "compile": torch.compile(lambda *t: reference.ign_loss(*t, **CONFIG))}
     if ops.kernel_path(torch.empty(0, device=device)) == "native":
         found["native"] = native
-        found["with_grad"] = lambda *t: ops.ign_loss_with_grad(*t, **CONFIG)
     if device.type == "cuda":
         try:
             import triton  # noqa: F401
@@ -108,18 +106,6 @@ def check(fn, inputs, dtype):
     ref_grads = torch.autograd.grad(ref[0], grads_of)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, b in zip(list(out) + list(grads), list(ref) + list(ref_grads)):
-        torch.testing.assert_close(a.float(), b.float(), **tol)
-
-
-def check_with_grad(inputs, dtype):
-    """ign_loss_with_grad's loss and gradients against the eager reference's autograd."""
-    values, grads = ops.ign_loss_with_grad(*inputs, **CONFIG)
-    ref = reference.ign_loss(*inputs, **CONFIG)
-    wanted = [t for t in inputs if t.requires_grad]
-    ref_grads = torch.autograd.grad(ref[0], wanted)
-    given = [g for t, g in zip(inputs, grads) if t.requires_grad]
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for a, b in zip(list(values) + given, list(ref) + list(ref_grads)):
         torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
@@ -163,19 +149,14 @@ def main(argv=None):
                     turn[0] = (turn[0] + 1) % copies
                     return turn[0]
 
-                if name == "with_grad":  # loss and gradients in one call, no autograd: fwd+bwd only
-                    check_with_grad(first, dtype)
-                    graphs = None
-                    modes = {"fwd+bwd": lambda: fn(*sets[next_index()])}
-                else:
-                    check(fn, first, dtype)
-                    graphs = [(fn(*inputs)[0], [t for t in inputs if t.requires_grad]) for inputs in sets]
-                    modes = {
-                        "fwd": lambda: fn(*sets[next_index()]),
-                        "bwd": lambda: torch.autograd.grad(*graphs[next_index()], retain_graph=True),
-                        "fwd+bwd": lambda: torch.autograd.grad(
-                            fn(*sets[next_index()])[0], [t for t in sets[turn[0]] if t.requires_grad]),
-                    }
+                check(fn, first, dtype)
+                graphs = [(fn(*inputs)[0], [t for t in inputs if t.requires_grad]) for inputs in sets]
+                modes = {
+                    "fwd": lambda: fn(*sets[next_index()]),
+                    "bwd": lambda: torch.autograd.grad(*graphs[next_index()], retain_graph=True),
+                    "fwd+bwd": lambda: torch.autograd.grad(
+                        fn(*sets[next_index()])[0], [t for t in sets[turn[0]] if t.requires_grad]),
+                }
                 for mode, run in modes.items():
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)

@@ -14,7 +14,6 @@
 
 #include <cmath>
 #include <string>
-#include <tuple>
 
 #include "checks.h"
 
@@ -204,27 +203,6 @@ inline at::Tensor row_gradient(const c10::optional<at::Tensor>& grad, at::Scalar
 template <typename T>
 inline const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-using IgnLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using IgnLossWithGrad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                   at::Tensor, at::Tensor, at::Tensor>;
-
-// ign_loss_with_grad as the forward and backward kernels back to back (d total = 1, no per-sample gradients).
-template <typename Forward, typename Backward>
-IgnLossWithGrad ign_loss_with_grad_two_pass(Forward forward, Backward backward, const at::Tensor& x,
-                                            const at::Tensor& fx, const at::Tensor& fz, const at::Tensor& f_fz,
-                                            const at::Tensor& ff_z, c10::string_view kind, double lambda_rec,
-                                            double lambda_idem, double lambda_tight,
-                                            c10::optional<double> tight_clamp_ratio, bool compute_grad_x) {
-  const IgnLossOutputs out =
-      forward(x, fx, fz, f_fz, ff_z, kind, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio);
-  const at::Tensor one = at::ones({}, std::get<0>(out).options());
-  const IgnLossOutputs grads = backward(one, c10::nullopt, c10::nullopt, c10::nullopt, x, fx, fz, f_fz, ff_z,
-                                        std::get<1>(out), std::get<4>(out), kind, lambda_rec, lambda_idem,
-                                        lambda_tight, tight_clamp_ratio, compute_grad_x);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
-          std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads), std::get<4>(grads)};
 }
 
 }  // namespace ign_fast

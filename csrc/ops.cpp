@@ -21,12 +21,6 @@ TORCH_LIBRARY(ign_fast, m) {
         "Tensor fx, Tensor fz, Tensor f_fz, Tensor ff_z, Tensor rec, Tensor tight_unclamped, str kind, "
         "float lambda_rec, float lambda_idem, float lambda_tight, float? tight_clamp_ratio, bool compute_grad_x) "
         "-> (Tensor grad_x, Tensor grad_fx, Tensor grad_fz, Tensor grad_f_fz, Tensor grad_ff_z)");
-  // For a fused training step, without autograd: ign_loss's outputs and the gradients of total (d total = 1) in
-  // one kernel per row where the row fits in a block (CUDA), else forward and backward back to back.
-  m.def("ign_loss_with_grad(Tensor x, Tensor fx, Tensor fz, Tensor f_fz, Tensor ff_z, str kind, float lambda_rec, "
-        "float lambda_idem, float lambda_tight, float? tight_clamp_ratio, bool compute_grad_x) -> (Tensor total, "
-        "Tensor rec, Tensor idem, Tensor tight, Tensor tight_unclamped, Tensor grad_x, Tensor grad_fx, "
-        "Tensor grad_fz, Tensor grad_f_fz, Tensor grad_ff_z)");
   // for each row of queries [B, D], the lowest index of its nearest row of candidates [M, D] and that
   // distance, the per_sample_distance of the pair (mean over D of |q-c| or (q-c)^2); no B x M matrix
   m.def("nearest_neighbors(Tensor queries, Tensor candidates, str metric) -> (Tensor index, Tensor distance)");

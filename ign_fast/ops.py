@@ -165,8 +165,6 @@ if HAS_C:
 #     and t; grad_x is written only when x needs it (else an empty [0] tensor comes back).
 #   f_fz and ff_z may be one tensor (a fused step passes t and t.detach(): same storage, offset and strides);
 #   the kernels then read it once, and the gradient of each role is still returned separately.
-#   ign_loss_with_grad(..., bool compute_grad_x) -> ign_loss's five outputs + the five gradients of total: the
-#   same values without autograd, for fused steps; on CUDA one kernel per row when n <= 4096.
 #   Not twice differentiable: ign_loss_backward has no autograd formula.
 
 def _check_ign_loss_args(x, fx, fz, f_fz, ff_z, kind, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio):
@@ -259,53 +257,6 @@ if HAS_C:
     torch.library.register_autograd(
         "ign_fast::ign_loss", _make_ign_loss_backward(lambda *a: torch.ops.ign_fast.ign_loss_backward(*a)),
         setup_context=_ign_loss_setup)
-
-
-def ign_loss_with_grad(x, fx, fz, f_fz, ff_z, kind="l1", lambda_rec=20.0, lambda_idem=20.0, lambda_tight=2.5,
-                       tight_clamp_ratio=1.5, compute_grad_x=False):
-    """ign_loss and the gradients of its total, without autograd, for a fused training step:
-    ((total, rec, idem, tight), (grad_x or None, grad_fx, grad_fz, grad_f_fz, grad_ff_z)).
-
-    Same arguments and values as ign_loss; the gradients are those total.backward() would give each role
-    (grad_fz from the idem term only). On CUDA, rows of at most 4096 elements take one kernel that reduces each
-    row and writes its gradients from registers (ign_fast::ign_loss_with_grad); elsewhere forward and backward
-    run back to back. The result carries no graph: pass the gradients on with torch.autograd.backward.
-    """
-    lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio = _check_ign_loss_args(
-        x, fx, fz, f_fz, ff_z, kind, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio)
-    config = (kind, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio)
-    path = "torch" if fz.dtype != x.dtype else kernel_path(x)
-    # detach keeps storage and strides, so f_fz and ff_z still alias when they did
-    inputs = [t.detach() for t in (x, fx, fz, f_fz, ff_z)]
-    if path == "native":
-        out = torch.ops.ign_fast.ign_loss_with_grad(*inputs, *config, bool(compute_grad_x))
-        grads = out[5:]
-    elif path == "triton":
-        out = triton_ops().ign_loss(*inputs, *config)
-        one = torch.ones((), dtype=out[0].dtype, device=out[0].device)
-        grads = torch.ops.ign_fast.ign_loss_backward_triton(one, None, None, None, *inputs, out[1], out[4], *config,
-                                                             bool(compute_grad_x))
-    else:
-        leaves = [t.requires_grad_() for t in (t.clone() for t in inputs)]
-        with torch.enable_grad():
-            out = reference.ign_loss(*leaves, *config)
-            grads = torch.autograd.grad(out[0], leaves, allow_unused=True)
-        out = [o.detach() for o in out]
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-    return tuple(out[:4]), (grads[0] if compute_grad_x else None, *grads[1:])
-
-
-def _ign_loss_with_grad_fake(x, fx, fz, f_fz, ff_z, kind, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio,
-                             compute_grad_x):
-    def like(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-    return (*_ign_loss_fake(x, fx, fz, f_fz, ff_z, kind, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio),
-            like(x) if compute_grad_x else x.new_empty((0,)), like(x), like(fz), like(fz), like(fz))
-
-
-if HAS_C:
-    torch.library.register_fake("ign_fast::ign_loss_with_grad")(_ign_loss_with_grad_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -239,41 +239,6 @@ def test_x_gradient_only_when_needed(device):
     assert x.grad is None and fx.grad is not None and fz.grad is not None
 
 
-@pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-@pytest.mark.parametrize("kind, ratio", CONFIGS)
-@pytest.mark.parametrize("shape, same_ffz", [((3, 47), True), ((2, 3, 8, 8), False), ((1, 5000), True)])
-def test_with_grad_equals_autograd(device, backend, kind, ratio, shape, same_ffz):
-    inputs = make_inputs(shape, torch.float32, device, same_ffz=same_ffz)
-    if same_ffz:
-        inputs[4] = inputs[3].detach().requires_grad_()
-    out, grads = loss_and_grads(fused, inputs, kind=kind, tight_clamp_ratio=ratio)
-    ign_fast.set_backend(backend)
-    try:
-        for want_x in (False, True):
-            values, given = ign_fast.ign_loss_with_grad(*inputs, kind=kind, tight_clamp_ratio=ratio,
-                                                        compute_grad_x=want_x)
-            assert (given[0] is not None) == want_x and not values[0].requires_grad
-            for a, b in zip(values, out):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-            for name, a, b in zip(ROLES, given, grads):
-                if a is not None:
-                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
-    finally:
-        ign_fast.set_backend("auto")
-
-
-@requires_ext
-@pytest.mark.parametrize("device", devices())
-def test_with_grad_opcheck(device):
-    for shape, same, ratio in [((3, 5), False, 1.5), ((2, 3, 4, 4), True, None), ((2, 5000), False, 1.5)]:
-        t = [u.detach() for u in make_inputs(shape, torch.float32, device, same_ffz=same)]
-        if same:
-            t[4] = t[3].detach()
-        opcheck(torch.ops.ign_fast.ign_loss_with_grad.default, (*t, "l1", 2.0, 3.0, 0.5, ratio, same),
-                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-
-
 def test_ignloss_module_uses_the_op_and_matches_reference():
     inputs = make_inputs((4, 1, 6, 6), torch.float32)
     module = IGNLoss()

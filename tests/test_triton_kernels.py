@@ -150,19 +150,6 @@ def test_opcheck(device):
                  kind, 2.0, 3.0, 0.5, ratio, True))
 
 
-@pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("same_ffz", [False, True])
-def test_ign_loss_with_grad(use_triton, device, same_ffz):
-    triton_device(device)
-    inputs = make_inputs((3, 2, 9), torch.float32, device, same_ffz=same_ffz)
-    if same_ffz:
-        inputs[4] = inputs[3].detach().requires_grad_()
-    values, given = ign_fast.ign_loss_with_grad(*inputs, kind="l2", compute_grad_x=True)
-    ref_out, ref_grads = loss_and_grads(reference.ign_loss, inputs, kind="l2")
-    for a, b in zip(list(values) + list(given), ref_out + ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
 # ----------------------------------------------------------------------------------- float64 is float64
 # λ and the clamp ratio used to reach the kernels as float32 and _tanh's series was accurate to ~1e-9, so a
 # float64 loss agreed with the float64 reference to 1e-7 only. Now it must agree to float64 rounding.
@@ -216,18 +203,6 @@ def test_ign_loss_float64_matches_reference_to_float64_precision(use_triton, dev
 
 
 @pytest.mark.parametrize("device", devices())
-def test_ign_loss_with_grad_float64(use_triton, device):
-    triton_device(device)
-    inputs = make_inputs((3, 11), torch.float64, device)
-    config = dict(kind="l2", lambda_rec=1.0000001, lambda_idem=2.0000003, lambda_tight=0.30000000001,
-                  tight_clamp_ratio=1.2345678901234)
-    values, given = ign_fast.ign_loss_with_grad(*inputs, compute_grad_x=True, **config)
-    ref_out, ref_grads = loss_and_grads(reference.ign_loss, inputs, **config)
-    for a, b in zip(list(values) + list(given), ref_out + ref_grads):
-        torch.testing.assert_close(a, b, **F64)
-
-
-@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind", ["l1", "l2"])
 def test_per_sample_distance_float64(use_triton, device, kind):
     triton_device(device)
@@ -267,9 +242,6 @@ def test_triton_backend_falls_back_where_triton_cannot_run(use_triton, monkeypat
     out, grads = loss_and_grads(ops.ign_loss, inputs)
     ref_out, ref_grads = loss_and_grads(reference.ign_loss, inputs)
     for x, y in zip(out + grads, ref_out + ref_grads):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
-    values, given = ign_fast.ign_loss_with_grad(*inputs, compute_grad_x=True)
-    for x, y in zip(list(values) + list(given), ref_out + ref_grads):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 

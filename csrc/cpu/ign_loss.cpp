@@ -277,21 +277,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ign_loss_
           grad_f_fz.view(fz.sizes()), grad_ff_z.view(fz.sizes())};
 }
 
-// On the CPU a row rarely stays in cache between the reduction and the gradient pass anyway: two passes.
-IgnLossWithGrad ign_loss_with_grad_cpu(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& fz,
-                                       const at::Tensor& f_fz, const at::Tensor& ff_z, c10::string_view kind,
-                                       double lambda_rec, double lambda_idem, double lambda_tight,
-                                       c10::optional<double> tight_clamp_ratio, bool compute_grad_x) {
-  return ign_loss_with_grad_two_pass(ign_loss_cpu, ign_loss_backward_cpu, x, fx, fz, f_fz, ff_z, kind, lambda_rec,
-                                     lambda_idem, lambda_tight, tight_clamp_ratio, compute_grad_x);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ign_fast, CPU, m) {
   m.impl("ign_loss", &ign_loss_cpu);
   m.impl("ign_loss_backward", &ign_loss_backward_cpu);
-  m.impl("ign_loss_with_grad", &ign_loss_with_grad_cpu);
 }
 
 }  // namespace ign_fast

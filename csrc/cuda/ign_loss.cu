@@ -225,86 +225,6 @@ __global__ void __launch_bounds__(kThreads) ign_loss_backward_kernel(
   }
 }
 
-// ign_loss_with_grad for rows of at most kThreads * kPerThread elements: one block per row keeps the row's
-// differences in registers, reduces them, derives the row's gradient scales (d total = 1) and writes the
-// gradients from the registers: each input is read once and each gradient written once, in one launch
-// (plus the finalize for the total). It writes the row sums as chunk-1 partials for ign_loss_finalize_kernel.
-constexpr int kPerThread = 16;
-
-template <typename scalar_t, typename acc_t, bool kL1, bool kAliased>
-__global__ void __launch_bounds__(kThreads) ign_loss_with_grad_row_kernel(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ fx, const scalar_t* __restrict__ fz,
-    const scalar_t* __restrict__ f_fz, const scalar_t* __restrict__ ff_z, scalar_t* __restrict__ grad_x,
-    scalar_t* __restrict__ grad_fx, scalar_t* __restrict__ grad_fz, scalar_t* __restrict__ grad_f_fz,
-    scalar_t* __restrict__ grad_ff_z, acc_t* __restrict__ partials, int64_t n, int64_t batch_x, int64_t batch_z,
-    int64_t rows, acc_t lambda_rec, acc_t lambda_idem, acc_t lambda_tight, bool has_clamp, acc_t ratio) {
-  const int64_t row = blockIdx.x;
-  const int64_t base = row * n;
-  const bool has_x = row < batch_x;
-  const bool has_z = row < batch_z;
-  acc_t d_rec[kPerThread], d_idem[kPerThread], d_tight[kPerThread];
-  acc_t s_rec = 0, s_idem = 0, s_tight = 0;
-#pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(k) * kThreads;  // coalesced across the block
-    d_rec[k] = d_idem[k] = d_tight[k] = acc_t(0);
-    if (j < n) {
-      if (has_x) {
-        d_rec[k] = static_cast<acc_t>(fx[base + j]) - static_cast<acc_t>(x[base + j]);
-        s_rec += term<acc_t, kL1>(d_rec[k]);
-      }
-      if (has_z) {
-        const acc_t c = static_cast<acc_t>(fz[base + j]);
-        d_idem[k] = static_cast<acc_t>(f_fz[base + j]) - c;
-        s_idem += term<acc_t, kL1>(d_idem[k]);
-        if constexpr (!kAliased) {
-          d_tight[k] = static_cast<acc_t>(ff_z[base + j]) - c;
-          s_tight += term<acc_t, kL1>(d_tight[k]);
-        }
-      }
-    }
-  }
-  if constexpr (kAliased) s_tight = s_idem;
-  block_sum3(s_rec, s_idem, s_tight);
-  __shared__ acc_t row_sums[3];
-  if (threadIdx.x == 0) {
-    row_sums[0] = s_rec;
-    row_sums[1] = s_idem;
-    row_sums[2] = s_tight;
-    partials[row] = s_rec;  // [3][rows][1]
-    partials[rows + row] = s_idem;
-    partials[2 * rows + row] = s_tight;
-  }
-  __syncthreads();
-  const acc_t rec = row_sums[0] / static_cast<acc_t>(n);
-  const acc_t t = -row_sums[2] / static_cast<acc_t>(n);
-  const RowScales<acc_t> scales = row_scales_of<acc_t>(row, batch_x, batch_z, acc_t(1), acc_t(0), acc_t(0), acc_t(0),
-                                                       rec, t, lambda_rec, lambda_idem, lambda_tight, has_clamp,
-                                                       ratio);
-  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
-  const acc_t c_rec = scales.rec * inv_n;
-  const acc_t c_idem = scales.idem * inv_n;
-  const acc_t c_tight = -scales.tight * inv_n;
-#pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(k) * kThreads;
-    if (j < n) {
-      if (has_x) {
-        const acc_t g = c_rec * derivative<acc_t, kL1>(d_rec[k]);
-        grad_fx[base + j] = static_cast<scalar_t>(g);
-        if (grad_x != nullptr) grad_x[base + j] = static_cast<scalar_t>(-g);
-      }
-      if (has_z) {
-        const acc_t dp = derivative<acc_t, kL1>(d_idem[k]);
-        const acc_t dq = kAliased ? dp : derivative<acc_t, kL1>(d_tight[k]);
-        grad_f_fz[base + j] = static_cast<scalar_t>(c_idem * dp);
-        grad_fz[base + j] = static_cast<scalar_t>(-(c_idem * dp));
-        grad_ff_z[base + j] = static_cast<scalar_t>(c_tight * dq);
-      }
-    }
-  }
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Calls body(aliased_tag, vec_tag) with the compile-time variant the data allows.
@@ -443,77 +363,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ign_loss_
           grad_f_fz.view(fz.sizes()), grad_ff_z.view(fz.sizes())};
 }
 
-IgnLossWithGrad ign_loss_with_grad_cuda(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& fz,
-                                        const at::Tensor& f_fz, const at::Tensor& ff_z, c10::string_view kind_name,
-                                        double lambda_rec, double lambda_idem, double lambda_tight,
-                                        c10::optional<double> tight_clamp_ratio, bool compute_grad_x) {
-  const DistanceKind kind = parse_distance_kind(std::string(kind_name));
-  const IgnLossShape s =
-      check_ign_loss_inputs(x, fx, fz, f_fz, ff_z, lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio);
-  TORCH_CHECK(x.is_cuda(), "ign_fast: ign_loss_with_grad CUDA kernel got x on ", x.device());
-  if (s.n > static_cast<int64_t>(kThreads) * kPerThread) {  // the row does not fit in one block's registers
-    return ign_loss_with_grad_two_pass(ign_loss_cuda, ign_loss_backward_cuda, x, fx, fz, f_fz, ff_z, kind_name,
-                                       lambda_rec, lambda_idem, lambda_tight, tight_clamp_ratio, compute_grad_x);
-  }
-  const c10::cuda::CUDAGuard guard(x.device());
-  const ContiguousInputs in = contiguous_inputs(x, fx, fz, f_fz, ff_z, s);
-  const at::Tensor &xc = in.x, &fxc = in.fx, &fzc = in.fz, &f_fzc = in.f_fz, &ff_zc = in.ff_z;
-  ForwardOutputs out = empty_forward_outputs(x, s);
-  at::Tensor &total = out.total, &rec = out.rec, &idem = out.idem, &tight = out.tight, &tight_raw = out.tight_raw;
-  at::Tensor partials = at::empty({3, s.rows, 1}, rec.options());
-  at::Tensor grad_x = compute_grad_x ? at::empty_like(xc, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
-  at::Tensor grad_fx = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  at::Tensor grad_fz = at::empty_like(fzc, at::MemoryFormat::Contiguous);
-  at::Tensor grad_f_fz = at::empty_like(fzc, at::MemoryFormat::Contiguous);
-  at::Tensor grad_ff_z = at::empty_like(fzc, at::MemoryFormat::Contiguous);
-  TORCH_CHECK(s.rows < (int64_t(1) << 31), "ign_fast: ign_loss_with_grad input too large: ", x.sizes());
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ign_loss_with_grad_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const acc_t ratio = static_cast<acc_t>(tight_clamp_ratio.value_or(1.0));
-    auto launch = [&](auto l1_tag, auto aliased_tag) {
-      constexpr bool kL1 = decltype(l1_tag)::value;
-      constexpr bool kAliased = decltype(aliased_tag)::value;
-      ign_loss_with_grad_row_kernel<scalar_t, acc_t, kL1, kAliased><<<s.rows, kThreads, 0, stream>>>(
-          xc.const_data_ptr<scalar_t>(), fxc.const_data_ptr<scalar_t>(), fzc.const_data_ptr<scalar_t>(),
-          f_fzc.const_data_ptr<scalar_t>(), ff_zc.const_data_ptr<scalar_t>(),
-          compute_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, grad_fx.mutable_data_ptr<scalar_t>(),
-          grad_fz.mutable_data_ptr<scalar_t>(), grad_f_fz.mutable_data_ptr<scalar_t>(),
-          grad_ff_z.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>(), s.n, s.batch_x, s.batch_z,
-          s.rows, static_cast<acc_t>(lambda_rec), static_cast<acc_t>(lambda_idem),
-          static_cast<acc_t>(lambda_tight), tight_clamp_ratio.has_value(), ratio);
-    };
-    if (kind == DistanceKind::L1) {
-      if (s.aliased) {
-        launch(std::true_type{}, std::true_type{});
-      } else {
-        launch(std::true_type{}, std::false_type{});
-      }
-    } else {
-      if (s.aliased) {
-        launch(std::false_type{}, std::true_type{});
-      } else {
-        launch(std::false_type{}, std::false_type{});
-      }
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ign_loss_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), total.mutable_data_ptr<acc_t>(), rec.mutable_data_ptr<acc_t>(),
-        idem.mutable_data_ptr<acc_t>(), tight.mutable_data_ptr<acc_t>(), tight_raw.mutable_data_ptr<acc_t>(), s.n,
-        s.batch_x, s.batch_z, s.rows, 1, static_cast<acc_t>(lambda_rec), static_cast<acc_t>(lambda_idem),
-        static_cast<acc_t>(lambda_tight), tight_clamp_ratio.has_value(), ratio);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {total, rec, idem, tight, tight_raw, compute_grad_x ? grad_x.view(x.sizes()) : grad_x,
-          grad_fx.view(x.sizes()), grad_fz.view(fz.sizes()), grad_f_fz.view(fz.sizes()), grad_ff_z.view(fz.sizes())};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ign_fast, CUDA, m) {
   m.impl("ign_loss", &ign_loss_cuda);
   m.impl("ign_loss_backward", &ign_loss_backward_cuda);
-  m.impl("ign_loss_with_grad", &ign_loss_with_grad_cuda);
 }
 
 }  // namespace ign_fast
