@@ -65,8 +65,9 @@ def _train_steps(norm, mode, batches, rank=0, world=1, grad_sync=False):
 
 
 def _run_config(out, steps, resume=False, **kw):
-    return TrainConfig(objective=kw.pop("objective", "ign"), data="moons", model="mlp", batch_size=8, steps=steps,
-                       checkpoint_every=2, log_every=1, sample_every=1000, progress=False, out=out, **kw)
+    values = dict(objective="ign", data="moons", model="mlp", batch_size=8, steps=steps, checkpoint_every=2,
+                  log_every=1, sample_every=1000, progress=False, out=out)
+    return TrainConfig(**{**values, **kw})
 
 
 def _unused_parameter_grads(rank):
@@ -97,6 +98,13 @@ def _worker(rank, port, folder):
         Trainer(_run_config(full, 4, objective=objective, **extra)).fit()
         Trainer(_run_config(split, 2, objective=objective, **extra)).fit()
         Trainer(_run_config(split, 4, objective=objective, **extra), resume=True).fit()
+    # images streamed from disk by worker processes, each rank decoding only its shard
+    streamed = {"data": "images", "data_root": os.path.join(folder, "images"), "image_size": 28, "model": "dcgan28",
+                "width": 8, "latent_dim": 8, "num_workers": 1}
+    full, split = os.path.join(folder, "full_streamed"), os.path.join(folder, "split_streamed")
+    Trainer(_run_config(full, 4, **streamed)).fit()
+    Trainer(_run_config(split, 2, **streamed)).fit()
+    Trainer(_run_config(split, 4, **streamed), resume=True).fit()
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -104,6 +112,12 @@ def _worker(rank, port, folder):
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("ddp"))
+    from PIL import Image
+
+    os.makedirs(os.path.join(folder, "images"))
+    pixels = torch.randint(0, 256, (20, 30, 28, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for i, image in enumerate(pixels.numpy()):
+        Image.fromarray(image).save(os.path.join(folder, "images", f"{i:02d}.png"))
     mp.spawn(_worker, args=(_free_port(), folder), nprocs=WORLD, join=True)
     return folder, [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
@@ -130,7 +144,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(two_rank_results, norm,
         assert moved > 1e-2  # the weights moved far beyond the tolerance: equality is not the trivial kind
 
 
-@pytest.mark.parametrize("objective", ["ign", "naign"])
+@pytest.mark.parametrize("objective", ["ign", "naign", "streamed"])
 def test_two_rank_resume_reproduces_the_uninterrupted_run(two_rank_results, objective):
     folder, _ = two_rank_results
     full, split = _losses(os.path.join(folder, f"full_{objective}")), _losses(os.path.join(folder,
