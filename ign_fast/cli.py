@@ -50,11 +50,11 @@ def _add_train(sub):
                    help="total training steps to reach; with --resume the run continues up to this step count, "
                         "not this many more (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 (ign) or 64 (naign)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (ign) or 5e-4 (naign)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (ign), 5e-4 (naign), 2e-3 (naign on toy sets)")
     p.add_argument("--distance", default=d.distance, help="l1 | l2 (default %(default)s)")
     p.add_argument("--lambda-rec", type=float, default=None, help="weight of f(x) = x; default 20 (ign) or 1 (naign)")
     p.add_argument("--lambda-idem", type=float, default=None,
-                   help="weight of f(f(z)) = f(z); default 20 (ign) or 0 (naign)")
+                   help="weight of f(f(z)) = f(z); default 20 (ign), 0 (naign), 1 (naign on toy sets)")
     p.add_argument("--lambda-tight", type=float, default=d.lambda_tight, help="IGN: weight of the tightness term "
                                                                                 "(default %(default)s)")
     p.add_argument("--tight-clamp-ratio", type=_optional_float, default=d.tight_clamp_ratio, help="a number or none")

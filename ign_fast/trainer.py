@@ -90,9 +90,12 @@ class TrainConfig:
         ign = self.objective == "ign"
         c = dataclasses.replace(self)
         c.batch_size = c.batch_size or (256 if ign else 64)
-        c.lr = c.lr if c.lr is not None else (1e-4 if ign else 5e-4)
+        # NAIGN on the low-dimensional toy sets: lr 2e-3 and an idempotence term (λ_idem = 1) move eight
+        # gaussians' high-quality share from 0.29 to 0.88 (3 seeds, all modes covered; docs/NAIGN.md, toy sets)
+        toy = c.data in ("trimodal", "8gaussians", "moons", "rings") and not ign
+        c.lr = c.lr if c.lr is not None else (1e-4 if ign else 2e-3 if toy else 5e-4)
         c.lambda_rec = c.lambda_rec if c.lambda_rec is not None else (20.0 if ign else 1.0)
-        c.lambda_idem = c.lambda_idem if c.lambda_idem is not None else (20.0 if ign else 0.0)
+        c.lambda_idem = c.lambda_idem if c.lambda_idem is not None else (20.0 if ign else 1.0 if toy else 0.0)
         return c
 
 
