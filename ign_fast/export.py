@@ -170,8 +170,11 @@ class ExportedProjector(nn.Module):
     def __init__(self, model: nn.Module, steps: int = 1, prior=None, input_shape=None):
         super().__init__()
         self.f = _body_of(model)
-        if input_shape is None:
-            input_shape = prior.shape if prior is not None else expected_input_shape(model)
+        if input_shape is None:  # ign_fast's models know their input; any other module takes the prior's shape
+            try:
+                input_shape = expected_input_shape(model)
+            except TypeError:
+                input_shape = prior.shape
         self.input_shape: List[int] = list(input_shape)
         self.default_steps: int = steps
         self.has_prior: bool = prior is not None
