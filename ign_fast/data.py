@@ -176,20 +176,27 @@ def list_images(folder: Union[str, os.PathLike]) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, folder))
 
 
+def resize_center_crop(img, size: int):
+    """A PIL image with its short side resized to size (bicubic), then center-cropped to size x size: how
+    training prepares images, so nothing is squashed."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def decode_image(path: str, size: int, mode: str) -> np.ndarray:
-    """One image file as uint8 [size, size, channels]: converted to mode ("L" or "RGB"), short side resized to
-    size (bicubic), center-cropped to a square. Raises OSError (PIL's errors included) on a bad file."""
+    """One image file as uint8 [size, size, channels]: converted to mode ("L" or "RGB"), resized and
+    center-cropped (resize_center_crop). Raises OSError (PIL's errors included) on a bad file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
-            w, h = img.size
-            scale = size / min(w, h)
-            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
+            img = resize_center_crop(img.convert(mode), size)
             return np.asarray(img).reshape(size, size, 1 if mode == "L" else 3)
     except (UnidentifiedImageError, ValueError) as exc:  # PIL's "not an image" and bad-header errors
         raise OSError(str(exc)) from None
@@ -362,7 +369,59 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int, world_size: int =
     return perm
 
 
-class InMemoryLoader:
+class ShardedEpochs:
+    """The schedule both loaders share: epochs of a seeded permutation (epoch_permutation), dealt out to the
+    ranks like DistributedSampler, cut into batches; (epoch, position) is where a checkpoint resumes."""
+
+    def _init_schedule(self, num_samples, batch_size, seed, drop_last, rank, world_size):
+        self.num_samples = _check_int("len(data)", num_samples, 1)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be < world_size={self.world_size}, got {self.rank}")
+        if not isinstance(drop_last, bool):
+            raise TypeError(f"drop_last must be a bool, got {type(drop_last).__name__}")
+        self.drop_last = drop_last
+        self.shard_size = math.ceil(self.num_samples / self.world_size)
+        if drop_last and self.batch_size > self.shard_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be at most the number of samples each process "
+                             f"sees per epoch ({self.shard_size} of {self.num_samples})")
+        full, rest = divmod(self.shard_size, self.batch_size)
+        self.batches_per_epoch = full + (1 if rest and not drop_last else 0)
+        self.epoch = 0
+        self.position = 0  # batches already served in the current epoch
+
+    def epoch_permutation(self, epoch: int) -> torch.Tensor:
+        return epoch_permutation(self.num_samples, self.seed, epoch, self.world_size)
+
+    def shard_of(self, epoch: int) -> torch.Tensor:
+        """This rank's positions of epoch's permutation."""
+        return self.epoch_permutation(epoch)[self.rank::self.world_size]
+
+    def _advance(self) -> bool:
+        """Move to the next epoch when this one is used up; True when it did."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(state, dict) or set(state) != {"epoch", "position"}:
+            raise ValueError(f"state must be a dict with keys 'epoch' and 'position', got {state!r}")
+        epoch = _check_int("state['epoch']", state["epoch"], 0)
+        position = _check_int("state['position']", state["position"], 0)
+        if position > self.batches_per_epoch:
+            raise ValueError(f"state['position'] must be <= {self.batches_per_epoch} batches per epoch, got {position}")
+        self.epoch, self.position = epoch, position
+
+
+class InMemoryLoader(ShardedEpochs):
     """Endless, reproducible, resumable shuffled batches over in-memory tensors.
 
     ``data`` is a tensor or a tuple of tensors sharing the first dim (e.g.
@@ -385,42 +444,19 @@ class InMemoryLoader:
                 raise ValueError(f"{name} must be finite, got NaN or inf (first in sample {first})")
         self._tensors = tensors
         self._single = not isinstance(data, (tuple, list))
-        self.num_samples = _check_int("len(data)", tensors[0].shape[0], 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size={self.world_size}, got {self.rank}")
-        if not isinstance(drop_last, bool):
-            raise TypeError(f"drop_last must be a bool, got {type(drop_last).__name__}")
-        self.drop_last = drop_last
-        self.shard_size = math.ceil(self.num_samples / self.world_size)
-        if drop_last and self.batch_size > self.shard_size:
-            raise ValueError(f"batch_size must be <= the per-rank shard size {self.shard_size} "
-                             f"when drop_last=True, got {self.batch_size}")
-        full, rest = divmod(self.shard_size, self.batch_size)
-        self.batches_per_epoch = full + (1 if rest and not drop_last else 0)
-        self.epoch = 0
-        self.position = 0  # batches already served in the current epoch
+        self._init_schedule(tensors[0].shape[0], batch_size, seed, drop_last, rank, world_size)
         self._shard_epoch = -1
         self._shard: torch.Tensor | None = None
 
-    def epoch_permutation(self, epoch: int) -> torch.Tensor:
-        return epoch_permutation(self.num_samples, self.seed, epoch, self.world_size)
-
     def _current_shard(self) -> torch.Tensor:
         if self._shard_epoch != self.epoch:
-            shard = self.epoch_permutation(self.epoch)[self.rank::self.world_size]
-            self._shard = shard.to(self._tensors[0].device)
+            self._shard = self.shard_of(self.epoch).to(self._tensors[0].device)
             self._shard_epoch = self.epoch
         return self._shard
 
     def next_batch(self) -> Batch:
         """The next batch; rolls over to a freshly shuffled epoch when this one is used up."""
-        if self.position >= self.batches_per_epoch:
-            self.epoch += 1
-            self.position = 0
+        self._advance()
         start = self.position * self.batch_size
         index = self._current_shard()[start:start + self.batch_size]
         self.position += 1
@@ -430,15 +466,3 @@ class InMemoryLoader:
     def __iter__(self):
         while True:
             yield self.next_batch()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if not isinstance(state, dict) or set(state) != {"epoch", "position"}:
-            raise ValueError(f"state must be a dict with keys 'epoch' and 'position', got {state!r}")
-        epoch = _check_int("state['epoch']", state["epoch"], 0)
-        position = _check_int("state['position']", state["position"], 0)
-        if position > self.batches_per_epoch:
-            raise ValueError(f"state['position'] must be <= {self.batches_per_epoch} batches per epoch, got {position}")
-        self.epoch, self.position = epoch, position

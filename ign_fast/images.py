@@ -115,12 +115,9 @@ def load_png(path, size=None, channels=1):
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
             if size is not None:
-                w, h = img.size
-                scale = size / min(w, h)
-                new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-                left, top = (new_w - size) // 2, (new_h - size) // 2
-                img = img.crop((left, top, left + size, top + size))
+                from .data import resize_center_crop
+
+                img = resize_center_crop(img, size)
             array = np.asarray(img, dtype=np.float32)
     except UnidentifiedImageError:
         raise ValueError(f"{os.fspath(path)!r} is not an image file pillow can read (PNG, JPEG, ...)") from None

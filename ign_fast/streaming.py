@@ -13,7 +13,6 @@ beyond those bytes.
 loader's, so a streamed run sees the batches an in-memory run would; its state is (epoch, position), so a
 checkpoint records where to resume and resume is exact mid-epoch.
 """
-import math
 import os
 import warnings
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import IMAGE_EXTENSIONS, _check_int, decode_image, epoch_permutation, list_images
+from .data import IMAGE_EXTENSIONS, ShardedEpochs, _check_int, decode_image, list_images
 
 SKIPPED_NAMES_SHOWN = 3
 
@@ -110,11 +109,12 @@ def _images_of(batch):
                     f"{type(batch).__name__}")
 
 
-class StreamingLoader:
+class StreamingLoader(ShardedEpochs):
     """Endless, seeded, resumable, rank-sharded batches of images from a map-style Dataset, loaded by
-    `num_workers` processes. The interface of data.InMemoryLoader: next_batch(), state_dict(),
-    load_state_dict(), batches_per_epoch. Batches are the dataset's dtype (uint8 for ImageFolderDataset:
-    see to_model_range); float batches are checked for NaN/inf here, on the CPU, instead of in the step."""
+    `num_workers` processes. The interface of data.InMemoryLoader (the same ShardedEpochs schedule):
+    next_batch(), state_dict(), load_state_dict(), batches_per_epoch. Batches are the dataset's dtype (uint8
+    for ImageFolderDataset: see to_model_range); float batches are checked for NaN/inf here, on the CPU,
+    instead of in the step."""
 
     def __init__(self, dataset, batch_size, seed=0, drop_last=True, rank=0, world_size=1, num_workers=2,
                  prefetch_factor=4):
@@ -122,29 +122,14 @@ class StreamingLoader:
             raise TypeError(f"dataset must be a map-style torch.utils.data.Dataset (with __len__), got "
                             f"{type(dataset).__name__}")
         self.dataset = dataset
-        self.num_samples = _check_int("len(dataset)", len(dataset), 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size={self.world_size}, got {self.rank}")
         self.num_workers = _check_int("num_workers", num_workers, 0)
         self.prefetch_factor = _check_int("prefetch_factor", prefetch_factor, 1)
-        self.drop_last = drop_last
-        self.shard_size = math.ceil(self.num_samples / self.world_size)
-        if drop_last and self.batch_size > self.shard_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be at most the number of images each process "
-                             f"sees per epoch ({self.shard_size} of {self.num_samples})")
-        full, rest = divmod(self.shard_size, self.batch_size)
-        self.batches_per_epoch = full + (1 if rest and not drop_last else 0)
-        self.epoch = 0
-        self.position = 0
+        self._init_schedule(len(dataset), batch_size, seed, drop_last, rank, world_size)
         self._iterator = None
 
     def _start(self):
-        shard = epoch_permutation(self.num_samples, self.seed, self.epoch, self.world_size)[self.rank::self.world_size]
-        order = shard[self.position * self.batch_size:self.batches_per_epoch * self.batch_size].tolist()
+        order = self.shard_of(self.epoch)[self.position * self.batch_size:self.batches_per_epoch * self.batch_size]
+        order = order.tolist()
         workers = self.num_workers if len(order) > self.batch_size else 0  # a last batch needs no pool
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, num_workers=workers,
                             drop_last=False, prefetch_factor=self.prefetch_factor if workers else None,
@@ -152,9 +137,7 @@ class StreamingLoader:
         self._iterator = iter(loader)
 
     def next_batch(self):
-        if self.position >= self.batches_per_epoch:
-            self.epoch += 1
-            self.position = 0
+        if self._advance():
             self._iterator = None
         if self._iterator is None:
             self._start()
@@ -168,15 +151,6 @@ class StreamingLoader:
         while True:
             yield self.next_batch()
 
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position}
-
     def load_state_dict(self, state):
-        if not isinstance(state, dict) or set(state) != {"epoch", "position"}:
-            raise ValueError(f"state must be a dict with keys 'epoch' and 'position', got {state!r}")
-        epoch = _check_int("state['epoch']", state["epoch"], 0)
-        position = _check_int("state['position']", state["position"], 0)
-        if position > self.batches_per_epoch:
-            raise ValueError(f"state['position'] must be <= {self.batches_per_epoch} batches per epoch, got {position}")
-        self.epoch, self.position = epoch, position
-        self._iterator = None
+        super().load_state_dict(state)
+        self._iterator = None  # the next batch starts a loader at the restored position

@@ -107,7 +107,7 @@ CASES = [
     ("loader batch_size", lambda: InMemoryLoader(x(10), 0), ValueError, "batch_size must be >= 1"),
     ("loader rank", lambda: InMemoryLoader(x(10), 2, rank=2, world_size=2), ValueError, "rank must be < world_size"),
     ("loader batch > shard", lambda: InMemoryLoader(x(10), 6, world_size=2), ValueError,
-     "batch_size must be <= the per-rank shard size 5"),
+     "batch_size (6) must be at most the number of samples each process sees per epoch (5 of 10)"),
     # the trainer's data and config
     ("trainer data NaN", lambda: check_data("moons", with_value(x(10), math.nan)), ValueError,
      "data 'moons' contains NaN or inf in 1 samples (first: index 0)"),

@@ -130,7 +130,7 @@ def test_any_map_style_dataset_of_pairs(tmp_path):
 
 @pytest.mark.parametrize("make, message", [
     (lambda: StreamingLoader([1, 2, 3], 2), "dataset must be a map-style torch.utils.data.Dataset"),
-    (lambda: StreamingLoader(Pairs(), 11), r"batch_size \(11\) must be at most the number of images each process "
+    (lambda: StreamingLoader(Pairs(), 11), r"batch_size \(11\) must be at most the number of samples each process "
                                            r"sees per epoch \(10 of 10\)"),
     (lambda: StreamingLoader(Pairs(), 2, num_workers=-1), "num_workers must be >= 0"),
 ])
