@@ -257,6 +257,63 @@ class Compose(Operator):
         return self.consistent(x, y)
 
 
+class Edges(Operator):
+    """Sketch: the edge map of `ign-fast project --corruption sketch` (Sobel magnitude of the gray image over
+    its per-image maximum, thresholded at `threshold`, as -1/1 in every channel). It is NOT linear: it has no
+    adjoint and no exact consistency (a restored digit is not its own edge map), so only "project" and
+    "latent" use it; "latent" fits a smooth version of the threshold (a sigmoid `softness` wide) so that the
+    edges of f(u) can be matched by gradient descent."""
+
+    linear = False
+    exact = False
+    expects = "x: [B, C, H, W]"
+    expects_y = "the shape of x"
+
+    def __init__(self, threshold=0.35, softness=0.05):
+        self.threshold = float(threshold)
+        self.softness = float(softness)
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if not self.softness >= 0.0:
+            raise ValueError(f"softness must be >= 0, got {softness!r}")
+
+    def __repr__(self):
+        return f"Edges(threshold={self.threshold:g}, softness={self.softness:g})"
+
+    def _magnitude(self, x):
+        self._check_x(x, x.dim() == 4)
+        gray = x.mean(dim=1, keepdim=True)
+        kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype,
+                          device=x.device).view(1, 1, 3, 3)
+        gx = F.conv2d(gray, kx, padding=1)
+        gy = F.conv2d(gray, kx.transpose(2, 3), padding=1)
+        # + tiny inside the root: its gradient at a flat pixel would be inf otherwise
+        edges = (gx.square() + gy.square() + 1e-12).sqrt()
+        return edges / edges.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+    def A(self, x):
+        level = self._magnitude(x) - self.threshold
+        if self.softness == 0.0:
+            edges = (level > 0).to(x.dtype)
+        else:
+            edges = torch.sigmoid(level / self.softness)
+        return (edges * 2 - 1).expand_as(x)
+
+    def hard(self, x):
+        """The binary edge map (the sketch corruption itself)."""
+        level = self._magnitude(x) - self.threshold
+        return ((level > 0).to(x.dtype) * 2 - 1).expand_as(x).contiguous()
+
+    def A_adjoint(self, y):
+        raise NotImplementedError("Edges is nonlinear: it has no adjoint (use method 'project' or 'latent')")
+
+    def initial(self, y):
+        return y
+
+    def consistent(self, x, y):
+        return x
+
+
 def consistent_cg(operator, x, y, iterations=30, tol=1e-6):
     """x + A^T z with A A^T z = y - A x solved by conjugate gradients per sample: the nearest x with A x = y
     for any linear operator (a composition, a deepinv operator). A A^T is symmetric positive (semi)definite;
