@@ -3,7 +3,7 @@ and is the nearest such x, composition, and one-line shape errors."""
 import pytest
 import torch
 
-from ign_fast.operators import (Compose, Downsample, Grayscale, Identity, Mask, consistent_cg,
+from ign_fast.operators import (Compose, Downsample, Edges, Grayscale, Identity, Mask, consistent_cg,
                                 random_square_mask)
 
 
@@ -115,3 +115,17 @@ def test_errors_are_one_line_and_name_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_edges_is_the_sketch_corruption_and_nonlinear():
+    from ign_fast.cli import corrupt
+
+    x = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(Edges().hard(x), corrupt(x, "sketch", torch.Generator()))
+    assert torch.equal(Edges(softness=0).A(x), Edges().hard(x))
+    soft = Edges().A(x.requires_grad_(True))
+    soft.sum().backward()  # "latent" fits it by gradient descent: finite gradients everywhere
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert not Edges.linear and not Edges.exact
+    with pytest.raises(NotImplementedError, match="nonlinear"):
+        Edges().A_adjoint(x)
