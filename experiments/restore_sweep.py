@@ -1,7 +1,7 @@
 """Prototype sweep for the restoration defaults on a trained digit run (held-out MNIST-5k digits).
 
 usage: python experiments/restore_sweep.py RUN [--n 256] [--what mask,down,noise,sketch] [--quick]
-Prints PSNR for variants of each method; the chosen defaults and the final table are in restore_table.py.
+Prints PSNR for variants of each method (how the defaults were chosen); the final table is restore_table.py.
 """
 import argparse
 import time

@@ -17,10 +17,11 @@ from ign_fast.inference import Projector
 
 ROWS = [  # (corruption, method, options)
     ("mask", "project", {}), ("mask", "consistent", {}), ("mask", "latent", {}),
-    ("mask", "latent", {"steps": 150, "starts": 4}), ("mask", "latent", {"steps": 150, "starts": 4, "combine": "mean"}),
-    ("down", "project", {}), ("down", "consistent", {}), ("down", "latent", {}),
+    ("mask", "latent", {"steps": 150, "starts": 4}),
+    ("mask", "latent", {"steps": 150, "starts": 4, "combine": "mean"}),
+    ("down", "project", {}), ("down", "consistent", {}), ("down", "latent", {}), ("down", "latent", {"steps": 150, "starts": 4}),
     ("noise", "project", {}), ("noise", "project", {"steps": 2}),
-    ("sketch", "project", {}), ("sketch", "latent", {}),
+    ("sketch", "project", {}), ("sketch", "latent", {}), ("sketch", "latent", {"steps": 150, "starts": 4}),
 ]
 
 
@@ -30,12 +31,15 @@ def main():
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--out", default="docs/figures/restore")
     p.add_argument("--only", default="", help="comma-separated corruptions")
+    p.add_argument("--options-only", action="store_true", help="only the rows with non-default options")
     args = p.parse_args()
     projector = Projector.load(args.run)
     clean = load_mnist5k("test")[0][: args.n]
     results = []
     for corruption, method, options in ROWS:
         if args.only and corruption not in args.only.split(","):
+            continue
+        if args.options_only and not options:
             continue
         # seed 0 as `ign-fast restore` uses by default: the same masks and noise for every method
         op, y = _restore_problem(corruption, clean, torch.Generator().manual_seed(0), 2, 0.5)

@@ -8,7 +8,8 @@ Methods (all batched, deterministic for a seed):
                 (put the known pixels back, add the upsampled residual, spread the luminance residual);
 - "latent":     optimise the input u of f with Adam so that A(f(u)) matches y, from several starts at once
                 (prior noise), keep the start with the smallest measurement error per image, then C;
-- "auto":       the best measured (docs/RESTORE.md): "latent" for exact or nonlinear measurements (Edges),
+- "auto":       the best measured (docs/RESTORE.md): the operator's `auto_method` where it names one
+                (Downsample: "project"), else "latent" for exact or nonlinear measurements (Mask, Edges) and
                 "project" for noisy ones (putting y back would put the noise back; "latent" would fit it).
 
 Every result of an exact operator satisfies A(x) = y (to rounding), whatever f returned.
@@ -176,7 +177,9 @@ def restore(f, y, operator, method="auto", steps=None, seed=0, starts=None, lr=N
     if method == "auto":
         # Noisy linear measurements (Identity with sigma > 0): one projection; exact ones and nonlinear ones
         # (Edges): latent, the best measured on each (docs/RESTORE.md).
-        method = "latent" if exact or not getattr(operator, "linear", True) else "project"
+        # An operator may name its own measured best (Downsample: f once beat 100 Adam iterations x 2 starts).
+        method = getattr(operator, "auto_method", None) or (
+            "latent" if exact or not getattr(operator, "linear", True) else "project")
     steps = DEFAULT_STEPS[method] if steps is None else check_positive_int("steps", steps)
     starts = DEFAULT_STARTS if starts is None else check_positive_int("starts", starts)
     lr = DEFAULT_LR if lr is None else check_positive_float("lr", lr)
