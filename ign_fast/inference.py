@@ -180,8 +180,10 @@ class Projector:
             with torch.no_grad():
                 return module.noise_to_input(eps.to(device))
 
-        return cls(apply, module.sample_noise, noise_to_input, metadata["input_shape"], metadata["prior"],
-                   "torchscript")
+        projector = cls(apply, module.sample_noise, noise_to_input, metadata["input_shape"], metadata["prior"],
+                        "torchscript")
+        projector.module = module  # restore(method="latent") differentiates through it
+        return projector
 
     @classmethod
     def _from_checkpoint_state(cls, state, device, model=None, trust_model_code=False, ema=True):
@@ -266,3 +268,12 @@ class Projector:
         y = self._images(images, "images")
         fy = self._apply(y, 1)
         return (fy.float() - y.to(fy.device).float()).square().flatten(1).mean(1).sqrt()
+
+    def restore(self, y, operator, method="auto", steps=None, seed=0, **options):
+        """Restore images from known measurements y = operator.A(x) (a mask, a gray or small image, noise):
+        ign_fast.operators for the operators, ign_fast.restore.restore for the methods ("auto", "project",
+        "consistent", "latent") and the options (starts, lr, combine, amp). y: batch first. Where the operator
+        says the measurement is exact, the result keeps it: operator.A(x) == y. Returns [B, *input_shape]."""
+        from .restore import restore_with_projector
+
+        return restore_with_projector(self, y, operator, method=method, steps=steps, seed=seed, **options)
