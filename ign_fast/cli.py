@@ -37,9 +37,9 @@ def _add_train(sub):
                         "checkpoints to rebuild it; for unet: depth, blocks)")
     p.add_argument("--trust-model-code", action="store_true",
                    help="let --model name a factory function, not only an nn.Module class")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
-                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999); sampling, "
-                        "projection, evaluation and export then use it (default: off)")
+    p.add_argument("--ema-decay", type=_optional_float, default=d.ema_decay,
+                   help="keep an exponential moving average of the weights with this decay, which sampling, "
+                        "projection, evaluation and export use; none turns it off (default %(default)s)")
     p.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="processes decoding images for --data images (default %(default)s)")
     p.add_argument("--norm", default=d.norm, help="batch | group | none (default %(default)s)")

@@ -82,7 +82,8 @@ class TrainConfig:
     progress: bool | str = True       # True/"auto": a bar on a terminal, plain lines when piped; "lines"; False
     max_nonfinite_steps: int = 10     # non-finite steps in a row (each skipped) before training stops
     sync_batchnorm: bool = False      # under torchrun: BatchNorm statistics over the global batch (CUDA only)
-    ema_decay: float | None = None    # keep an EMA of the weights (e.g. 0.999) for sampling, projection, export
+    ema_decay: float | None = 0.999   # EMA of the weights, used for sampling, projection, export (docs/NAIGN.md);
+                                      # None: off
     num_workers: int = 2              # processes decoding streamed images (data "images" or a Dataset)
 
     def resolved(self):

@@ -57,14 +57,15 @@ def test_a_module_of_your_own_trains_resumes_samples_projects_and_exports(tmp_pa
     assert resumed.step == 6
     resumed.fit()
 
-    projector = ign_fast.Projector.load(str(run))  # rebuilt by its import path, no pickle
+    projector = ign_fast.Projector.load(str(run))  # rebuilt by its import path, no pickle; the EMA weights
     assert isinstance(projector.model, TinyDenoiser)
-    for a, b in zip(projector.model.parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b.detach().cpu())
+    for name, value in projector.model.state_dict().items():
+        assert torch.equal(value, resumed.ema.state_dict()[name]), name
     samples = projector.generate(5, seed=3)
     assert samples.shape == (5, 1, 12, 12)
     projected = projector.project(data[:4])
-    torch.testing.assert_close(projected, resumed.model.eval()(data[:4]).detach(), rtol=0, atol=1e-6)
+    with torch.no_grad(), resumed.ema.applied(resumed.model):
+        torch.testing.assert_close(projected, resumed.model.eval()(data[:4]), rtol=0, atol=1e-6)
 
     x = torch.rand(3, 1, 12, 12) * 2 - 1
     expected = projector.project(x, steps=2)
