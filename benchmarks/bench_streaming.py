@@ -23,7 +23,7 @@ SIZE = 28
 
 
 MEMORY_CHILD = """
-import resource, sys, time
+import gc, resource, sys, time
 from ign_fast.streaming import ImageFolderDataset, StreamingLoader
 folder, workers = sys.argv[1], int(sys.argv[2])
 start = time.perf_counter()
@@ -32,6 +32,8 @@ listed = time.perf_counter() - start
 loader = StreamingLoader(dataset, 64, seed=0, num_workers=workers)
 for _ in range(50):
     loader.next_batch()
+loader.load_state_dict(loader.state_dict())  # drops the DataLoader: its workers exit and are waited for,
+gc.collect()                                 # so RUSAGE_CHILDREN counts them
 self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(len(dataset), self_kb, child_kb, round(listed, 1))
