@@ -114,7 +114,7 @@ def masked_optimizer_step(optimizer, apply):
     params, state = optimizer_tensors(optimizer)
     before = [t.clone() for t in params + state]
     optimizer.step()
-    after_params, after_state = optimizer_tensors(optimizer)
+    _, after_state = optimizer_tensors(optimizer)
     known = {id(t) for t in params + state}
     for t, old in zip(params + state, before):
         t.copy_(torch.where(apply, t, old))
