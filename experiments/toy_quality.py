@@ -59,7 +59,7 @@ def main():
     args = parser.parse_args()
     settings = args.set or [""]
     torch.set_num_threads(1)
-    print(f"| data | steps | setting | seed | seconds | " + " | ".join(f"f^{n}: modes / HQ" for n in REFINE) + " |")
+    print("| data | steps | setting | seed | seconds | " + " | ".join(f"f^{n}: modes / HQ" for n in REFINE) + " |")
     print("|---|---|---|---|---|" + "---|" * len(REFINE))
     for steps in args.steps:
         for text in settings:

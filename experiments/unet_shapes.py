@@ -11,7 +11,6 @@ next to the same numbers for held-out against training images (what a perfect ge
 """
 import argparse
 import json
-import math
 import os
 import time
 

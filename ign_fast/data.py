@@ -214,7 +214,7 @@ def load_image_folder(folder: Union[str, os.PathLike], size: int = 64, channels:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"root must be an existing folder, got {folder!r}")
     try:
-        from PIL import Image
+        import PIL  # noqa: F401  (decode_image needs pillow: say so before the first file)
     except ImportError as exc:
         raise ImportError("load_image_folder needs pillow: pip install pillow") from exc
     paths = list_images(folder)
