@@ -19,7 +19,8 @@ ROWS = [  # (corruption, method, options)
     ("mask", "project", {}), ("mask", "consistent", {}), ("mask", "latent", {}),
     ("mask", "latent", {"steps": 150, "starts": 4}),
     ("mask", "latent", {"steps": 150, "starts": 4, "combine": "mean"}),
-    ("down", "project", {}), ("down", "consistent", {}), ("down", "latent", {}), ("down", "latent", {"steps": 150, "starts": 4}),
+    ("down", "project", {}), ("down", "consistent", {}), ("down", "latent", {}),
+    ("down", "latent", {"steps": 150, "starts": 4}),
     ("noise", "project", {}), ("noise", "project", {"steps": 2}),
     ("sketch", "project", {}), ("sketch", "latent", {}), ("sketch", "latent", {"steps": 150, "starts": 4}),
 ]

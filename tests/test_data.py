@@ -322,7 +322,8 @@ def test_loader_rank_shards_are_disjoint_and_cover(n, world):
 
 def test_loader_bad_arguments():
     data = torch.arange(10)
-    with pytest.raises(ValueError, match=r"batch_size \(6\) must be at most the number of samples each process sees per epoch \(5 of 10\)"):
+    with pytest.raises(ValueError, match=r"batch_size \(6\) must be at most the number of samples each process "
+                                         r"sees per epoch \(5 of 10\)"):
         InMemoryLoader(data, 6, world_size=2)
     InMemoryLoader(data, 6, world_size=2, drop_last=False)
     with pytest.raises(ValueError, match="rank"):

@@ -1,9 +1,7 @@
 """CUDA-graph capture safety, checked where no GPU is: HostSyncGuard raises on every op that would make a
-
-# the steps run the compiled ops: without the extension they would test the reference path only
-pytestmark = pytest.mark.kernels
 CUDA device wait for the host, and the updates that mode="graph" captures (graph_step.captured_update for
-IGN and NAIGN: in-place zero_grad, forward, backward, the masked capturable Adam step) run whole under it. On a GPU: NAIGN graph against fused after K steps (IGN's is in test_fused_step.py)."""
+IGN and NAIGN: in-place zero_grad, forward, backward, the masked capturable Adam step) run whole under it.
+On a GPU: NAIGN graph against fused after K steps (IGN's is in test_fused_step.py)."""
 import copy
 
 import pytest
@@ -15,6 +13,9 @@ from ign_fast.models import DCGAN28, MLP
 
 from conftest import SkipMLP, requires_cuda
 from test_fused_step import MODELS, assert_same_state, batches_for
+
+# the steps run the compiled ops: without the extension they would test the reference path only
+pytestmark = pytest.mark.kernels
 
 
 @pytest.mark.parametrize("name, fn", [
