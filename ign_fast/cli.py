@@ -61,6 +61,10 @@ def _add_train(sub):
     p.add_argument("--lambda-imle", type=float, default=d.lambda_imle, help="NAIGN: weight of the IMLE term "
                                                                               "(default %(default)s)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="NAIGN: noise samples per data point")
+    p.add_argument("--lambda-restore", type=float, default=d.lambda_restore,
+                   help="NAIGN: weight of d(f(c(x)), x), teaching f to undo corruptions c (default %(default)s: off)")
+    p.add_argument("--restore-corruptions", default=d.restore_corruptions,
+                   help="with --lambda-restore: comma-separated mask, noise (default %(default)s)")
     p.add_argument("--refresh-every", type=int, default=d.refresh_every,
                    help="NAIGN: steps between new pools of candidates")
     p.add_argument("--prior", default=d.prior, help="gaussian | fourier (default %(default)s)")

@@ -30,7 +30,7 @@ class NAIGNLoss(torch.nn.Module):
     """Hyperparameters and the loss of NAIGN. loss(x, fx, f_znn, f_f_znn=None) -> (total, rec, imle, idem)."""
 
     def __init__(self, distance="l1", lambda_rec=1.0, lambda_imle=1.0, lambda_idem=0.0, candidates_per_sample=8,
-                 refresh_every=4):
+                 refresh_every=4, lambda_restore=0.0):
         super().__init__()
         self.distance = check_distance_kind("distance", distance)
         self.lambda_rec = check_nonnegative_float("lambda_rec", lambda_rec)
@@ -38,11 +38,13 @@ class NAIGNLoss(torch.nn.Module):
         self.lambda_idem = check_nonnegative_float("lambda_idem", lambda_idem)
         self.candidates_per_sample = check_positive_int("candidates_per_sample", candidates_per_sample)
         self.refresh_every = check_positive_int("refresh_every", refresh_every)
+        # weight of d(f(c(x)), x) for corruptions c (NAIGNStep's `corrupt`; ign_fast/corruptions.py)
+        self.lambda_restore = check_nonnegative_float("lambda_restore", lambda_restore)
 
     def config(self):
         return {"distance": self.distance, "lambda_rec": self.lambda_rec, "lambda_imle": self.lambda_imle,
                 "lambda_idem": self.lambda_idem, "candidates_per_sample": self.candidates_per_sample,
-                "refresh_every": self.refresh_every}
+                "refresh_every": self.refresh_every, "lambda_restore": self.lambda_restore}
 
     def forward(self, x, fx, f_znn, f_f_znn=None):
         d = self.distance
@@ -80,7 +82,7 @@ class NAIGNStep:
     grad_sync averages gradients across ranks between backward and the update)."""
 
     def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=1024, amp_dtype=None,
-                 check_inputs=True, skip_nonfinite=True, mode="fused"):
+                 check_inputs=True, skip_nonfinite=True, mode="fused", corrupt=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -98,6 +100,13 @@ class NAIGNStep:
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         if mode not in NAIGN_STEP_MODES:
             raise ValueError(f"mode must be one of {NAIGN_STEP_MODES}, got {mode!r}")
+        if loss.lambda_restore > 0 and corrupt is None:
+            from .corruptions import TrainingCorruptions
+
+            corrupt = TrainingCorruptions()
+        if corrupt is not None and not callable(corrupt):
+            raise TypeError(f"corrupt must be callable (x -> corrupted x) or None, got {type(corrupt).__name__}")
+        self.corrupt = corrupt
         self.model, self.optimizer, self.loss, self.mode = model, optimizer, loss, mode
         self.sample_noise = sample_noise
         self.candidate_chunk = candidate_chunk
@@ -156,31 +165,40 @@ class NAIGNStep:
         index, nn_distance = ops.nearest_neighbors(x, candidates, self.loss.distance)
         z_nn = z_pool.index_select(0, index)
         model = self.model
+        restoring = self.loss.lambda_restore > 0
+        inputs = [x, z_nn] + ([self.corrupt(x)] if restoring else [])
         if has_batch_coupling(model):
-            fx = check_output("f(x)", model(x), x)
-            f_znn = check_output("f(z*)", model(z_nn), z_nn)
-        else:  # one batched call: the same values, half the launches
-            both = torch.cat([x, z_nn])
-            out = check_output("f(x, z)", model(both), both)
-            fx, f_znn = out[: x.shape[0]], out[x.shape[0]:]
+            outputs = [check_output(name, model(t), t) for name, t in zip(("f(x)", "f(z*)", "f(c(x))"), inputs)]
+        else:  # one batched call: the same values, fewer launches
+            both = torch.cat(inputs)
+            outputs = list(check_output("f(x, z)", model(both), both).split(x.shape[0]))
+        fx, f_znn = outputs[0], outputs[1]
         f_f_znn = None
         if self.loss.lambda_idem > 0:
             f_f_znn = check_output("f(f(z*))", functional_call(model, frozen_state(model), (f_znn,)), f_znn)
         total, rec, imle, idem = self.loss(x, fx, f_znn, f_f_znn)
-        return total, rec, imle, idem, nn_distance, candidates
+        restore = None
+        if restoring:  # f(c(x)) = x: f learns to undo the corruptions (issue 13)
+            restore = ops.per_sample_distance(outputs[2], x, self.loss.distance)
+            total = total + self.loss.lambda_restore * restore.mean()
+        return total, rec, imle, idem, nn_distance, candidates, restore
 
     def compute_gradients(self, x, z_pool, candidates=None, sync_free=False):
         """Forward and backward on a checked pool (gradients accumulate into .grad); the five terms as 0-dim
         tensors, and under "_candidates" the candidates made from a fresh pool (candidates None), which the
         calls until the next refresh search. With sync_free it never reads a device value on the host (what a
         CUDA graph capture needs)."""
-        total, rec, imle, idem, nn_distance, made = self._loss_terms(x, z_pool, candidates, sync_free)
+        total, rec, imle, idem, nn_distance, made, restore = self._loss_terms(x, z_pool, candidates, sync_free)
         total.backward()
+        names = ["loss", "rec", "imle", "idem", "nn_distance"]
         terms = [total.detach(), rec.detach().mean(), imle.detach().mean(), idem.detach().mean(),
                  nn_distance.detach().float().mean()]
+        if restore is not None:
+            names.append("restore")
+            terms.append(restore.detach().mean())
         if self.grad_sync is not None:
             terms = self.grad_sync(terms)
-        out = dict(zip(("loss", "rec", "imle", "idem", "nn_distance"), terms))
+        out = dict(zip(names, terms))
         if candidates is None:
             out["_candidates"] = made
         return out

@@ -67,6 +67,8 @@ class TrainConfig:
     lambda_tight: float = 2.5
     tight_clamp_ratio: float | None = 1.5
     lambda_imle: float = 1.0
+    lambda_restore: float = 0.0       # NAIGN: weight of d(f(c(x)), x), c drawn from restore_corruptions (issue 13)
+    restore_corruptions: str = "mask,noise"
     candidates: int = 8
     refresh_every: int = 4             # NAIGN: a new pool and its candidates every 4 steps (docs/NAIGN.md)
     prior: str = "gaussian"
@@ -138,7 +140,12 @@ def validate_config(c):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name in ("lr", "lambda_rec", "lambda_idem", "lambda_tight", "lambda_imle"):
+    if c.lambda_restore and c.objective != "naign":
+        raise ValueError("lambda_restore is implemented for objective 'naign' only; got objective 'ign'")
+    from .corruptions import parse_kinds
+
+    parse_kinds(c.restore_corruptions)
+    for name in ("lr", "lambda_rec", "lambda_idem", "lambda_tight", "lambda_imle", "lambda_restore"):
         value = getattr(c, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -246,10 +253,15 @@ def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
                        config.tight_clamp_ratio)
         return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype, check_inputs=False)
     loss = NAIGNLoss(config.distance, config.lambda_rec, config.lambda_imle, config.lambda_idem,
-                     config.candidates, config.refresh_every)
+                     config.candidates, config.refresh_every, config.lambda_restore)
+    corrupt = None
+    if config.lambda_restore > 0:
+        from .corruptions import TrainingCorruptions, parse_kinds
+
+        corrupt = TrainingCorruptions(parse_kinds(config.restore_corruptions))
     # NAIGN has no four-call reference step to choose: "reference" runs its one eager implementation
     return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype,
-                     check_inputs=False, mode="graph" if mode == "graph" else "fused")
+                     check_inputs=False, mode="graph" if mode == "graph" else "fused", corrupt=corrupt)
 
 
 def _is_terminal(stream):

@@ -1,0 +1,79 @@
+"""The restoration training term (issue 13): corruptions drawn on the device without host reads, the term's
+value and gradient against a direct computation, and the trainer/CLI switch."""
+import copy
+
+import pytest
+import torch
+
+import ign_fast
+from ign_fast.corruptions import TrainingCorruptions, parse_kinds, square_masks
+from ign_fast.graph_step import HostSyncGuard
+from ign_fast.models import DCGAN28
+
+
+def test_square_masks_hide_one_square_of_the_drawn_side():
+    torch.manual_seed(0)
+    keep = square_masks(200, 28, 28, (10, 14), "cpu")
+    hidden = (~keep).flatten(1).sum(1)
+    sides = hidden.double().sqrt()
+    assert keep.shape == (200, 1, 28, 28)
+    assert torch.equal(sides, sides.round()) and sides.min() >= 10 and sides.max() <= 14  # full squares
+    assert len(set(sides.tolist())) == 5  # every side in 10..14 occurs
+
+
+def test_corruptions_mix_kinds_per_sample_and_keep_the_range():
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28) * 2 - 1
+    y = TrainingCorruptions(("mask", "noise"))(x)
+    changed = (y != x).flatten(1).float().mean(1)
+    # a mask changes one square (at most 14x14 of 28x28 = 25%) to black; noise changes nearly every pixel
+    masked = (changed <= 0.25) & ((y == -1) | (y == x)).flatten(1).all(1)
+    noisy = changed > 0.9
+    assert masked.sum() > 10 and noisy.sum() > 10 and bool((masked ^ noisy).all())
+    assert y.min() >= -1 and y.max() <= 1
+    with HostSyncGuard():  # drawn on the device: capture-safe
+        TrainingCorruptions()(x)
+    toy = torch.randn(8, 2) * 3
+    assert (TrainingCorruptions(("noise",))(toy) - toy).abs().max() > 0  # no clipping of toy data
+    with pytest.raises(ValueError, match="masks need images"):
+        TrainingCorruptions(("mask",))(toy)
+    with pytest.raises(ValueError, match="restore_corruptions must be a comma-separated list of mask, noise"):
+        parse_kinds("mask,blur")
+
+
+def test_the_restore_term_is_d_f_cx_x_and_trains_f():
+    torch.manual_seed(0)
+    model = DCGAN28(latent_dim=8, width=8, norm="group").double()
+    twin = copy.deepcopy(model)
+    fixed = torch.rand(4, 1, 28, 28, dtype=torch.float64) * 2 - 1
+    corrupt = lambda x: torch.where(x > 0, x, -torch.ones_like(x))  # noqa: E731  (deterministic for the check)
+    loss = ign_fast.NAIGNLoss(candidates_per_sample=2, lambda_restore=3.0)
+    step = ign_fast.NAIGNStep(model, torch.optim.SGD(model.parameters(), 0.0), loss=loss, corrupt=corrupt)
+    pool = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    out = step.compute_gradients(fixed, pool)
+    plain = ign_fast.NAIGNStep(twin, torch.optim.SGD(twin.parameters(), 0.0),
+                               loss=ign_fast.NAIGNLoss(candidates_per_sample=2))
+    base = plain.compute_gradients(fixed, pool)
+    with torch.no_grad():
+        direct = (twin(corrupt(fixed)) - fixed).abs().flatten(1).mean(1).mean()
+    torch.testing.assert_close(out["restore"], direct, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out["loss"], base["loss"] + 3.0 * direct, rtol=1e-12, atol=0)
+    extra = torch.autograd.grad(3.0 * (twin(corrupt(fixed)) - fixed).abs().flatten(1).mean(1).mean(),
+                                list(twin.parameters()))
+    for p, q, g in zip(model.parameters(), twin.parameters(), extra):
+        torch.testing.assert_close(p.grad, q.grad + g, rtol=1e-10, atol=1e-12)
+
+
+def test_trainer_and_cli_switch_it_on(tmp_path, capsys):
+    from ign_fast.cli import main
+
+    run = str(tmp_path / "run")
+    argv = ["train", "--steps", "3", "--batch-size", "8", "--candidates", "2", "--width", "8", "--latent-dim", "8",
+            "--no-progress", "--log-every", "1", "--lambda-restore", "1", "--out", run]
+    assert main(argv) == 0
+    assert "restore" in open(f"{run}/metrics.csv").readline()
+    capsys.readouterr()
+    assert main(argv[:-1] + [str(tmp_path / "r2"), "--restore-corruptions", "blur"]) == 2
+    assert "restore_corruptions must be a comma-separated list" in capsys.readouterr().err
+    assert main(["train", "--objective", "ign", "--lambda-restore", "1", "--out", str(tmp_path / "r3")]) == 2
+    assert "lambda_restore is implemented for objective 'naign' only" in capsys.readouterr().err
