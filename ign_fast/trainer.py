@@ -2,11 +2,12 @@
 resume (on CPU a resumed run's losses equal an uninterrupted run's).
 
 Under torchrun (ign_fast/distributed.py) batch_size is the global batch: each of R ranks trains on its own
-B/R-sample shard of it with noise from its own seed, gradients are averaged across ranks every step, and only
-rank 0 writes logs, samples and checkpoints. A checkpoint's data position counts global batches, so it means
-the same thing at any world size: resuming with another number of ranks continues at the same epoch and
-step, on the same global batches (see docs/RELIABILITY.md); only the noise streams of ranks the checkpoint
-did not have start afresh, from (seed, rank, step).
+B/R-sample shard of it, gradients are averaged across ranks every step, and only rank 0 writes logs, samples
+and checkpoints. The noise stream is shared: every rank draws the global batch's noise and takes its own
+slice (IGN), or holds the global pool and makes 1/R of its candidates (NAIGN, distributed.CandidateGather),
+so R ranks compute what one process on the global batch does. A checkpoint's data position counts global
+batches and its noise state is the one shared stream, so resuming with another number of ranks continues
+exactly, on the same global batches and the same noise (see docs/RELIABILITY.md).
 
 A step whose loss is not finite is skipped (no update) and counted; max_nonfinite_steps of them in a row stop
 training with NonFiniteTrainingError, and no checkpoint is written at a skipped step.
@@ -25,7 +26,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -440,12 +440,16 @@ class Trainer:
         self.prior = build_prior(c.prior, data=sample, shape=self.sample_shape)
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay is not None else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
-        self.noise_generator = torch.Generator().manual_seed(distributed.rank_seed(c.seed, self.dist.rank))
+        # one noise stream for all ranks (seed + 1, as single-process runs have always used): each rank takes
+        # its slice of the global draw, so the run is the same at any world size
+        self.noise_generator = torch.Generator().manual_seed(c.seed + 1)
         self.amp = c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda")
         self.step_fn = build_step(c, self.model, self.optimizer, self.sample_noise, self.device,
                                   torch.bfloat16 if self.amp else None)
         if self.dist.enabled:
             self.step_fn.grad_sync = distributed.GradientAverager(self.model.parameters(), world)
+            if isinstance(self.step_fn, NAIGNStep):
+                self.step_fn.candidate_gather = distributed.CandidateGather(self.dist.rank, world)
         self.step = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         # no rank may write into out before every rank has looked at it (check_run_folder above)
@@ -490,8 +494,9 @@ class Trainer:
                 "naign_calls": getattr(self.step_fn, "calls", 0), "world_size": self.dist.world_size,
                 "global_batch_size": self.config.batch_size, "data_border_mean": self.data_border_mean}
 
-    def _rank_states(self):
-        states = {"noise_generator": self.noise_generator.get_state()}
+    def _rng_states(self):
+        """The shared noise stream, and NAIGN's global pool and candidates: the same on every rank, so rank 0's."""
+        states = {"torch_cpu": torch.get_rng_state(), "noise_generator": self.noise_generator.get_state()}
         pool = getattr(self.step_fn, "pool", None)
         if pool is not None:
             states["naign_pool"] = pool.detach().cpu()
@@ -500,21 +505,12 @@ class Trainer:
             states["naign_candidates"] = candidates.detach().cpu()
         return states
 
-    def _rng_states(self, per_rank):
-        """Rank 0's states under their single-process names; rank r's with the suffix _rank<r>."""
-        states = {"torch_cpu": torch.get_rng_state()}
-        for rank, rank_states in enumerate(per_rank):
-            suffix = "" if rank == 0 else f"_rank{rank}"
-            states.update({k + suffix: v for k, v in rank_states.items()})
-        return states
-
     def save(self):
-        """Every rank calls this (its noise state goes into the checkpoint); rank 0 writes it."""
-        per_rank = self.dist.all_gather_object(self._rank_states())
+        """Every rank calls this; rank 0 writes the checkpoint, the others wait for it."""
         path = None
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.config.out, self.step, model=self.model, optimizer=self.optimizer,
-                                        prior=self.prior, meta=self._meta(), rng_states=self._rng_states(per_rank),
+                                        prior=self.prior, meta=self._meta(), rng_states=self._rng_states(),
                                         keep=self.config.keep, ema=self.ema.state_dict() if self.ema else None)
         # no rank runs on (or exits, or resumes) before the checkpoint is complete on disk
         self.dist.barrier()
@@ -556,19 +552,18 @@ class Trainer:
             loader_state = {"epoch": loader_state["epoch"] + 1, "position": 0}
         self.loader.load_state_dict(loader_state)
         rng = state["rng"]
-        suffix = "" if self.dist.rank == 0 else f"_rank{self.dist.rank}"
-        if "noise_generator" + suffix in rng:
-            self.noise_generator.set_state(rng["noise_generator" + suffix])
-        else:  # a rank the checkpoint's run did not have: a fresh stream, distinct per (seed, rank, step)
-            fresh = np.random.SeedSequence([self.config.seed, self.dist.rank, int(meta["step"])])
-            self.noise_generator.manual_seed(int(fresh.generate_state(1, dtype=np.uint64)[0] >> 1))
+        # every rank continues the one shared stream (checkpoints written before it was shared also carry
+        # other ranks' streams, "noise_generator_rank<r>": not used)
+        self.noise_generator.set_state(rng["noise_generator"])
         torch.set_rng_state(rng["torch_cpu"])
         if isinstance(self.step_fn, NAIGNStep):
             self.step_fn.calls = meta.get("naign_calls", 0)
-            if "naign_pool" + suffix in rng:
-                self.step_fn.pool = rng["naign_pool" + suffix].to(self.device)
-            if "naign_candidates" + suffix in rng:
-                self.step_fn.candidates = rng["naign_candidates" + suffix].to(self.device)
+            pool, candidates = rng.get("naign_pool"), rng.get("naign_candidates")
+            # a pool saved at another world size, or by a run whose ranks kept their own pools, is redrawn
+            if pool is not None and pool.shape[0] == self.config.candidates * self.config.batch_size:
+                self.step_fn.pool = pool.to(self.device)
+                if candidates is not None and candidates.shape == pool.shape:
+                    self.step_fn.candidates = candidates.to(self.device)
         self.step = int(meta["step"])
         return self.step
 
@@ -595,8 +590,9 @@ class Trainer:
     def train_step(self):
         x = self.loader.next_batch().to(self.device, non_blocking=True)
         x = to_model_range(x).to(self.model_dtype)  # uint8 pixels travel as bytes, then become [-1, 1] floats
-        if isinstance(self.step_fn, IGNStep):
-            out = self.step_fn(x, self.sample_noise(x.shape[0]))
+        if isinstance(self.step_fn, IGNStep):  # the global batch's noise, this rank's contiguous slice of it
+            n, rank = x.shape[0], self.dist.rank
+            out = self.step_fn(x, self.sample_noise(n * self.dist.world_size)[rank * n:(rank + 1) * n])
         else:
             out = self.step_fn(x)
         if self.ema is not None and not self.step_fn.last_skipped:
