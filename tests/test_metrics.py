@@ -357,6 +357,25 @@ def test_evaluate_digits_flags_a_generator_that_copies_training_images(trained_c
     json.dumps(report)  # plain numbers only
 
 
+def test_reference_fid_is_what_the_training_digits_themselves_score(trained_classifier, mnist):
+    """A "generator" that hands out exactly the 4,000 training digits scores the reference FID: ratio 1."""
+    classifier, _, _ = trained_classifier
+    train = mnist[0]
+    served = []
+
+    def training_digits(n):
+        start = sum(served)
+        served.append(n)
+        return train[start:start + n]
+
+    report = metrics.evaluate_digits(training_digits, n=len(train), classifier=classifier)
+    assert len(train) == 4000 and report["reference_fid"] > 0
+    assert report["fid"] == pytest.approx(report["reference_fid"], rel=1e-6)
+    assert report["fid_over_reference"] == pytest.approx(1.0, rel=1e-6)
+    noise = metrics.evaluate_digits(lambda n: torch.rand(n, 1, 28, 28) * 2 - 1, n=500, classifier=classifier)
+    assert noise["fid_over_reference"] > 10  # noise is far from digits on the same yardstick
+
+
 def test_evaluate_digits_rejects_a_wrong_generator(trained_classifier):
     with pytest.raises(ValueError, match="generate_fn"):
         metrics.evaluate_digits(lambda n: torch.zeros(n, 3, 28, 28), n=10, classifier=trained_classifier[0])
