@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ign_fast import metrics
-from ign_fast.data import TOY_MODES, eight_gaussians, load_mnist5k
+from ign_fast.data import TOY_MODES, eight_gaussians, load_mnist5k, rings, toy_curve, two_moons
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -240,6 +240,23 @@ def test_toy_mode_coverage_of_the_real_mixture_and_of_a_collapsed_one():
     assert out["counts"] == [500, 0, 0, 500, 0, 0, 0, 0]
     far = metrics.toy_mode_coverage(torch.full((100, 2), 10.0), modes, radius=0.3)
     assert far["modes_covered"] == 0.0 and far["high_quality"] == 0.0
+
+
+@pytest.mark.parametrize("name, make", [("moons", two_moons), ("rings", rings)])
+def test_toy_curve_coverage_of_the_real_set_of_one_arc_and_of_noise(name, make):
+    curve, segment = toy_curve(name)
+    assert curve.shape == (2 * 12 * 40, 2) and segment.tolist() == [i // 40 for i in range(2 * 12 * 40)]
+    full = metrics.toy_curve_coverage(make(6000), curve, segment, radius=0.15)
+    assert full["arcs_covered"] == 1.0 and full["high_quality"] > 0.99  # 3 x the noise holds 99.7%
+    assert min(full["counts"]) > 6000 / 24 * 0.7  # equal-share arcs: each close to n / 24
+    one_arc = curve[segment == 5].repeat(10, 1)  # every sample on the curve, all on arc 5
+    out = metrics.toy_curve_coverage(one_arc, curve, segment, radius=0.15)
+    assert out["arcs_covered"] == pytest.approx(1 / 24) and out["high_quality"] == 1.0
+    assert out["counts"][5] == len(one_arc)
+    noise = metrics.toy_curve_coverage(torch.full((50, 2), 5.0), curve, segment, radius=0.15)
+    assert noise["arcs_covered"] == 0.0 and noise["high_quality"] == 0.0
+    with pytest.raises(ValueError, match="segment must be an int64"):
+        metrics.toy_curve_coverage(one_arc, curve, segment.float(), radius=0.15)
 
 
 def test_toy_mode_coverage_min_count():
