@@ -168,6 +168,8 @@ def validate_config(c):
                                                                                       and value is None):
             raise ValueError(f"{name} must be a non-empty path{' or None' if name == 'data_root' else ''}, "
                              f"got {value!r}")
+    if c.data_root is not None and not os.path.isdir(c.data_root):  # before any loader says "root"
+        raise ValueError(f"data_root (--data-root) must be an existing folder, got {os.fspath(c.data_root)!r}")
     if not (isinstance(c.progress, bool) or c.progress in ("auto", "lines")):
         raise ValueError(f"progress must be True or False, 'auto' or 'lines', got {c.progress!r}")
     if not isinstance(c.sync_batchnorm, bool):

@@ -323,6 +323,16 @@ def test_a_batch_larger_than_the_data_set_says_so_plainly(tmp_path, capsys):
     one_error_line(capsys, "batch_size 64 is larger than the data set", "has 5 samples", "at most 5")
 
 
+def test_a_data_root_that_is_a_file_or_missing_names_data_root(tmp_path, capsys):
+    a_file = tmp_path / "digits.png"
+    a_file.write_bytes(b"not a folder")
+    for root in (a_file, tmp_path / "missing"):
+        assert main(["train", "--data", "images", "--data-root", str(root), "--no-progress", "--steps", "1",
+                     "--out", str(tmp_path / "run")]) == 2
+        one_error_line(capsys, "data_root (--data-root) must be an existing folder", str(root))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_checkpoint_without_model_config_is_one_line_for_every_command(digit_run, tmp_path, capsys):
     import json
 
