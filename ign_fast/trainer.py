@@ -59,6 +59,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int | None = None     # None: 256 for ign, 64 for naign
     lr: float | None = None           # None: 1e-4 for ign, 5e-4 for naign
+    lr_schedule: str = "constant"     # "cosine": lr follows a half cosine from lr to 0 over `steps`
     beta1: float = 0.5
     beta2: float = 0.999
     distance: str = "l1"
@@ -131,7 +132,8 @@ def validate_config(c):
         raise ValueError(f"trust_model_code must be True or False, got {c.trust_model_code!r}")
     choices = {"objective": ("ign", "naign"), "data": DATASET_NAMES,
                "norm": ("batch", "group", "none"), "distance": ("l1", "l2"), "prior": PRIOR_KINDS,
-               "step_mode": ("auto", "reference", "fused", "graph"), "amp": ("auto", "bf16", "none")}
+               "step_mode": ("auto", "reference", "fused", "graph"), "amp": ("auto", "bf16", "none"),
+               "lr_schedule": ("constant", "cosine")}
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {getattr(c, name)!r}")
@@ -140,6 +142,9 @@ def validate_config(c):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if c.lr_schedule != "constant" and c.step_mode == "graph":  # the captured optimizer step bakes lr in
+        raise ValueError("lr_schedule 'cosine' needs step_mode auto, fused or reference: a CUDA graph replays "
+                         "the learning rate it was captured with")
     if c.lambda_restore and c.objective != "naign":
         raise ValueError("lambda_restore is implemented for objective 'naign' only; got objective 'ign'")
     from .corruptions import parse_kinds
@@ -589,7 +594,17 @@ class Trainer:
                                          f"in a row had a non-finite loss (max_nonfinite_steps={limit}); last "
                                          f"good checkpoint: {last_good}")
 
+    def learning_rate(self, step):
+        """The learning rate of update number step + 1: a function of the step alone, so resume is exact."""
+        c = self.config
+        if c.lr_schedule == "cosine":
+            return c.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / c.steps, 1.0)))
+        return c.lr
+
     def train_step(self):
+        if self.config.lr_schedule != "constant":
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(self.step)
         x = self.loader.next_batch().to(self.device, non_blocking=True)
         x = to_model_range(x).to(self.model_dtype)  # uint8 pixels travel as bytes, then become [-1, 1] floats
         if isinstance(self.step_fn, IGNStep):  # the global batch's noise, this rank's contiguous slice of it
