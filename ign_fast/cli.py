@@ -62,7 +62,7 @@ def _add_train(sub):
                                                                               "(default %(default)s)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="NAIGN: noise samples per data point")
     p.add_argument("--lambda-restore", type=float, default=d.lambda_restore,
-                   help="NAIGN: weight of d(f(c(x)), x), teaching f to undo corruptions c (default %(default)s: off)")
+                   help="weight of d(f(c(x)), x), teaching f to undo corruptions c (default %(default)s: off)")
     p.add_argument("--restore-corruptions", default=d.restore_corruptions,
                    help="with --lambda-restore: comma-separated mask, noise, gray (gray: RGB data only; "
                         "default %(default)s)")

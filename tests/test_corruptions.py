@@ -114,6 +114,57 @@ def test_the_restore_term_takes_its_own_distance():
         ign_fast.NAIGNLoss(restore_distance="l3")
 
 
+def _deterministic_corrupt(x):
+    # the same c(x) in both modes: the check is on the step's arithmetic, not on the draw
+    return torch.where(x > 0.2, x, torch.zeros_like(x))
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("norm", ["group", "batch", "none"])
+def test_ign_term_fused_matches_reference_in_float64(norm):
+    from test_fused_step import assert_same_state
+
+    torch.manual_seed(0)
+    ref_model = DCGAN28(latent_dim=8, width=8, norm=norm).double()
+    fused_model = copy.deepcopy(ref_model)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(2, 1, 28, 28, generator=g, dtype=torch.float64) * 2 - 1,
+                torch.randn(2, 1, 28, 28, generator=g, dtype=torch.float64)) for _ in range(5)]
+    loss = ign_fast.IGNLoss("l1", lambda_restore=2.0, restore_distance="l2")
+    results = []
+    for model, mode in ((ref_model, "reference"), (fused_model, "fused")):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.999))
+        step = ign_fast.IGNStep(model, opt, loss=loss, mode=mode, corrupt=_deterministic_corrupt)
+        results.append((opt, [step(x, z) for x, z in batches]))
+    (ref_opt, ref_terms), (fused_opt, fused_terms) = results
+    for a, b in zip(ref_terms, fused_terms):
+        assert set(a) == {"loss", "rec", "idem", "tight", "restore"}
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+    assert_same_state(ref_model, ref_opt, fused_model, fused_opt, 1e-9)
+
+
+def test_ign_term_is_lambda_d_f_cx_x_on_top_of_the_objective():
+    torch.manual_seed(0)
+    model = DCGAN28(latent_dim=8, width=8, norm="group").double()
+    twin = copy.deepcopy(model)
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64) * 2 - 1
+    z = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    with_term = ign_fast.IGNStep(model, torch.optim.SGD(model.parameters(), 0.0), mode="fused",
+                                 loss=ign_fast.IGNLoss(lambda_restore=3.0), corrupt=_deterministic_corrupt)
+    plain = ign_fast.IGNStep(twin, torch.optim.SGD(twin.parameters(), 0.0), mode="fused")
+    out, base = with_term.compute_gradients(x, z), plain.compute_gradients(x, z)
+    with torch.no_grad():
+        direct = (twin(_deterministic_corrupt(x)) - x).abs().flatten(1).mean(1).mean()
+    torch.testing.assert_close(out["restore"], direct, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out["loss"], base["loss"] + 3.0 * direct, rtol=1e-12, atol=0)
+    assert "restore" not in base
+    assert isinstance(ign_fast.IGNStep(model, torch.optim.SGD(model.parameters(), 0.0),
+                                       loss=ign_fast.IGNLoss(lambda_restore=1.0)).corrupt, TrainingCorruptions)
+    with pytest.raises(TypeError, match="corrupt must be callable"):
+        ign_fast.IGNStep(model, torch.optim.SGD(model.parameters(), 0.0), corrupt=3)
+
+
 def test_trainer_and_cli_switch_it_on(tmp_path, capsys):
     from ign_fast.cli import main
 
@@ -130,5 +181,5 @@ def test_trainer_and_cli_switch_it_on(tmp_path, capsys):
     assert main(argv[:-1] + [str(tmp_path / "r4"), "--restore-mask-fill", "2"]) == 2
     err = capsys.readouterr().err
     assert "restore_mask_fill must be a number in [-1, 1]" in err and err.count("\n") == 1
-    assert main(["train", "--objective", "ign", "--lambda-restore", "1", "--out", str(tmp_path / "r3")]) == 2
-    assert "lambda_restore is implemented for objective 'naign' only" in capsys.readouterr().err
+    assert main(["train", "--objective", "ign", *argv[1:-1], str(tmp_path / "r3")]) == 0  # the term for IGN too
+    assert "restore" in open(f"{tmp_path}/r3/metrics.csv").readline()
