@@ -430,7 +430,7 @@ def cmd_restore(args):
     from .data import load_mnist5k, load_mnist5k_color
     from .images import image_grid, load_png, save_array_png, save_png, vstack
     from .inference import Projector
-    from .restore import METHODS
+    from .restore import METHODS, auto_method
 
     if args.corruption not in RESTORE_CORRUPTIONS:
         raise UsageError(f"--corruption must be one of {', '.join(RESTORE_CORRUPTIONS)}; got {args.corruption!r}")
@@ -479,7 +479,11 @@ def cmd_restore(args):
             save_png(x, target)
             print(f"{p} -> {target}")
     before, after = psnr(corrupted, clean), psnr(restored, clean)
-    print(f"{args.corruption} ({operator!r}), method {args.method}: PSNR {before:.2f} dB before, {after:.2f} dB "
+    method = args.method
+    if method == "auto":  # say what auto ran: it depends on the operator and on what the run was trained to undo
+        resolved, auto_steps = auto_method(operator, projector.taught)
+        method = f"auto = {resolved}" + (f" x {auto_steps}" if auto_steps and args.steps is None else "")
+    print(f"{args.corruption} ({operator!r}), method {method}: PSNR {before:.2f} dB before, {after:.2f} dB "
           f"after ({clean.shape[0]} images, {seconds:.1f} s)")
     ssim_before, ssim_after = ssim_or_none(corrupted, clean), ssim_or_none(restored, clean)
     if ssim_before is None:

@@ -213,6 +213,34 @@ def test_cli_restore_writes_grid_and_reports(tiny_run, tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "restore_mask_latent.png"))
 
 
+def test_auto_follows_what_the_model_was_taught(linear_f, digits):
+    from ign_fast.restore import auto_method
+
+    known = torch.ones(SIDE, SIDE)
+    known[4:9, 4:9] = 0
+    mask = Mask(known)
+    assert auto_method(mask) == ("latent", None)
+    assert auto_method(mask, ("noise",)) == ("latent", None)  # taught noise, not masks
+    assert auto_method(mask, ("mask", "noise")) == ("consistent", 2)
+    assert auto_method(Grayscale()) == ("latent", None) and auto_method(Grayscale(), ("gray",)) == ("project", 1)
+    assert auto_method(Downsample(2), ("mask",)) == ("project", None)
+    assert auto_method(Identity(0.5)) == ("project", None)
+    _, clean = digits
+    y = mask.A(clean[:4])
+    f = differentiable_f(linear_f)
+    torch.testing.assert_close(restore(f, y, mask, taught=("mask",)), restore(f, y, mask, method="consistent", steps=2),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="taught must be a sequence of corruption names"):
+        restore(f, y, mask, taught="mask")
+
+
+def test_projector_knows_what_its_run_was_taught(tiny_run, tmp_path):
+    assert Projector.load(tiny_run).taught == ()
+    run = str(tmp_path / "taught")
+    assert main(["train", *TINY, "--out", run, "--steps", "2", "--lambda-restore", "1"]) == 0
+    assert Projector.load(run).taught == ("mask", "noise")
+
+
 def test_cli_restore_colour_model_on_the_coloured_digits(tmp_path, capsys):
     # a 3x28x28 model restores the held-out digits of the package's RGB set (mnist5k-color): gray -> colour
     run = str(tmp_path / "color")
