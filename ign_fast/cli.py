@@ -26,7 +26,8 @@ def _add_train(sub):
     d = TrainConfig()
     p.add_argument("--objective", default=d.objective, help="ign | naign (default %(default)s)")
     p.add_argument("--data", default=d.data,
-                   help="mnist5k | mnist | images | trimodal | 8gaussians | moons | rings (default %(default)s)")
+                   help="mnist5k | mnist5k-color | mnist | images | trimodal | 8gaussians | moons | rings "
+                        "(default %(default)s)")
     p.add_argument("--data-root", default=None, help="folder for --data mnist (IDX files) or images")
     p.add_argument("--image-size", type=int, default=None, help="resize for --data images")
     p.add_argument("--model", default=d.model,
@@ -64,9 +65,15 @@ def _add_train(sub):
                                                                               "(default %(default)s)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="NAIGN: noise samples per data point")
     p.add_argument("--lambda-restore", type=float, default=d.lambda_restore,
-                   help="NAIGN: weight of d(f(c(x)), x), teaching f to undo corruptions c (default %(default)s: off)")
+                   help="weight of d(f(c(x)), x), teaching f to undo corruptions c (default %(default)s: off)")
     p.add_argument("--restore-corruptions", default=d.restore_corruptions,
-                   help="with --lambda-restore: comma-separated mask, noise (default %(default)s)")
+                   help="with --lambda-restore: comma-separated mask, noise, gray (gray: RGB data only; "
+                        "default %(default)s)")
+    p.add_argument("--restore-distance", default=d.restore_distance,
+                   help="with --lambda-restore: l1 | l2, the term's distance (default: --distance)")
+    p.add_argument("--restore-mask-fill", type=float, default=d.restore_mask_fill,
+                   help="with --lambda-restore: the value of a masked square's pixels, in [-1, 1]; restore feeds f "
+                        "the same (Mask(known, fill=...)); default %(default)s, mid-gray, not the black background")
     p.add_argument("--refresh-every", type=int, default=d.refresh_every,
                    help="NAIGN: steps between new pools of candidates")
     p.add_argument("--prior", default=d.prior, help="gaussian | fourier (default %(default)s)")
@@ -423,10 +430,10 @@ def ssim_or_none(a, b):
 def cmd_restore(args):
     import time
 
-    from .data import load_mnist5k
+    from .data import load_mnist5k, load_mnist5k_color
     from .images import image_grid, load_png, save_array_png, save_png, vstack
     from .inference import Projector
-    from .restore import METHODS
+    from .restore import METHODS, auto_method
 
     if args.corruption not in RESTORE_CORRUPTIONS:
         raise UsageError(f"--corruption must be one of {', '.join(RESTORE_CORRUPTIONS)}; got {args.corruption!r}")
@@ -448,13 +455,17 @@ def cmd_restore(args):
     if args.images:
         clean = torch.cat([load_png(p, size=shape[-1], channels=shape[0]) for p in args.images])
     else:
-        if shape != (1, 28, 28):
-            raise UsageError(f"restoring held-out MNIST-5k needs a 1x28x28 model; this one takes {shape}: "
-                             "pass --images instead")
-        clean = load_mnist5k("test")[0][: args.n]
+        # the held-out digits of the package's data set of the model's shape: gray MNIST-5k, or the same digits
+        # coloured by class (--data mnist5k-color), the RGB set colorization is measured on
+        heldout = {(1, 28, 28): load_mnist5k, (3, 28, 28): load_mnist5k_color}
+        if shape not in heldout:
+            raise UsageError(f"restoring held-out digits needs a 1x28x28 (mnist5k) or 3x28x28 (mnist5k-color) "
+                             f"model; this one takes {shape}: pass --images instead")
+        clean = heldout[shape]("test")[0][: args.n]
     operator, y = _restore_problem(args.corruption, clean, torch.Generator().manual_seed(args.seed), args.factor,
                                    args.noise_std)
-    corrupted = operator.initial(y)
+    # scored and shown as the benchmark defines it (a mask's square black), whatever restore feeds f
+    corrupted = operator.corrupted_image(y)
     start = time.perf_counter()
     restored = projector.restore(y, operator, method=args.method, steps=args.steps, seed=args.seed,
                                  **({} if args.starts is None else {"starts": args.starts})).cpu()
@@ -471,7 +482,11 @@ def cmd_restore(args):
             save_png(x, target)
             print(f"{p} -> {target}")
     before, after = psnr(corrupted, clean), psnr(restored, clean)
-    print(f"{args.corruption} ({operator!r}), method {args.method}: PSNR {before:.2f} dB before, {after:.2f} dB "
+    method = args.method
+    if method == "auto":  # say what auto ran: it depends on the operator and on what the run was trained to undo
+        resolved, auto_steps = auto_method(operator, projector.taught)
+        method = f"auto = {resolved}" + (f" x {auto_steps}" if auto_steps and args.steps is None else "")
+    print(f"{args.corruption} ({operator!r}), method {method}: PSNR {before:.2f} dB before, {after:.2f} dB "
           f"after ({clean.shape[0]} images, {seconds:.1f} s)")
     ssim_before, ssim_after = ssim_or_none(corrupted, clean), ssim_or_none(restored, clean)
     if ssim_before is None:

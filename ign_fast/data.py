@@ -82,6 +82,33 @@ def load_mnist5k(split: str = "train", holdout: int = 1000, seed: int = 0) -> tu
     return images[order], labels[order]
 
 
+# ----------------------------------------------------------------------------- coloured MNIST-5k (an RGB set)
+# No RGB image set ships with the package and none can be downloaded here; this one is made from MNIST-5k so that
+# colour is predictable from shape (each class has its own hue): colorization from grayscale is learnable, and
+# a restored colour can be checked against the digit's class.
+
+COLOR_CLASSES = 10
+
+
+def class_colors(classes: int = COLOR_CLASSES) -> torch.Tensor:
+    """[classes, 3] RGB in [0, 1]: fully saturated hues evenly spaced around the colour wheel (HSV, S = V = 1),
+    class 0 red."""
+    classes = _check_int("classes", classes, 1)
+    hue = torch.arange(classes, dtype=torch.float32) / classes * 6  # in sextants of the wheel
+    rgb = torch.stack([(hue - 3).abs() - 1, 2 - (hue - 2).abs(), 2 - (hue - 4).abs()], dim=1)
+    return rgb.clamp(0, 1)
+
+
+def load_mnist5k_color(split: str = "train", holdout: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST-5k coloured by class: (images [N, 3, 28, 28] in [-1, 1], labels int64 [N]), the digits and split of
+    ``load_mnist5k``, each stroke in its class's hue (``class_colors``) on a black background: pixel =
+    2 * ink * colour - 1 with ink = the gray digit in [0, 1]."""
+    images, labels = load_mnist5k(split, holdout=holdout, seed=seed)
+    ink = (images + 1) / 2
+    colors = class_colors()[labels].view(-1, 3, 1, 1)
+    return ink * colors * 2 - 1, labels
+
+
 # ----------------------------------------------------------------------------- IDX files (MNIST format)
 
 _IDX_DTYPES = {
@@ -326,7 +353,7 @@ TOY_DEFAULT_N = 10_000
 
 # ----------------------------------------------------------------------------- one entry point
 
-DATASET_NAMES = ("mnist5k", "mnist", "images") + tuple(_TOY_SETS)
+DATASET_NAMES = ("mnist5k", "mnist5k-color", "mnist", "images") + tuple(_TOY_SETS)
 
 
 def load_dataset(
@@ -363,10 +390,11 @@ def load_dataset(
         data = _TOY_SETS[name](TOY_DEFAULT_N if n is None else n, 2 * seed + (split == "test"))
         return data, None
 
-    if name in ("mnist5k", "mnist"):
+    if name in ("mnist5k", "mnist5k-color", "mnist"):
         if size not in (None, 28):
             raise ValueError(f"size must be None or 28 for {name!r}, got {size!r}")
-        images, labels = load_mnist5k(split, seed=seed) if name == "mnist5k" else load_mnist_idx(root, split)
+        loaders = {"mnist5k": load_mnist5k, "mnist5k-color": load_mnist5k_color}
+        images, labels = loaders[name](split, seed=seed) if name in loaders else load_mnist_idx(root, split)
     else:
         _check_choice("split", split, ("train", "all"))
         images, labels = load_image_folder(root, 64 if size is None else size), None

@@ -145,6 +145,7 @@ class Projector:
         self.input_shape = tuple(input_shape)
         self.prior_kind = prior_kind           # "gaussian", "fourier" or "none"
         self.source = source                   # "checkpoint" or "torchscript"
+        self.taught = ()                       # corruptions f was trained to undo (set from a run's config)
 
     @classmethod
     def load(cls, path_or_checkpoint, device="cpu", model=None, trust_model_code=False, ema=True):
@@ -207,6 +208,10 @@ class Projector:
 
         projector = cls(apply, sample_noise, lambda z: z, tuple(prior.shape), prior.kind, "checkpoint")
         projector.model, projector.prior = model, prior
+        # the corruptions f was trained to undo (the restoration term), which restore(method="auto") uses
+        config = meta.get("config") or {}
+        taught = str(config.get("restore_corruptions", "")) if (config.get("lambda_restore") or 0) > 0 else ""
+        projector.taught = tuple(k.strip() for k in taught.split(",") if k.strip())
         return projector
 
     def noise(self, n, seed=None):

@@ -27,7 +27,8 @@ class IGNLoss(torch.nn.Module):
     the tight role (its gradient flows into θ); the two may be the same tensor value.
     """
 
-    def __init__(self, distance="l1", lambda_rec=20.0, lambda_idem=20.0, lambda_tight=2.5, tight_clamp_ratio=1.5):
+    def __init__(self, distance="l1", lambda_rec=20.0, lambda_idem=20.0, lambda_tight=2.5, tight_clamp_ratio=1.5,
+                 lambda_restore=0.0, restore_distance=None):
         super().__init__()
         self.distance = check_distance_kind("distance", distance)
         self.lambda_rec = check_nonnegative_float("lambda_rec", lambda_rec)
@@ -38,10 +39,16 @@ class IGNLoss(torch.nn.Module):
             if tight_clamp_ratio == 0:
                 raise ValueError("tight_clamp_ratio must be > 0 or None (no clamp), got 0")
         self.tight_clamp_ratio = tight_clamp_ratio
+        # The restoration term λ_c · mean d_c(f(c(x)), x) (issue 13), added by IGNStep, which owns the corruption
+        # c: not part of forward(), whose fused kernel is the paper's objective. d_c: restore_distance or distance.
+        self.lambda_restore = check_nonnegative_float("lambda_restore", lambda_restore)
+        self.restore_distance = None if restore_distance is None else check_distance_kind("restore_distance",
+                                                                                         restore_distance)
 
     def config(self):
         return {"distance": self.distance, "lambda_rec": self.lambda_rec, "lambda_idem": self.lambda_idem,
-                "lambda_tight": self.lambda_tight, "tight_clamp_ratio": self.tight_clamp_ratio}
+                "lambda_tight": self.lambda_tight, "tight_clamp_ratio": self.tight_clamp_ratio,
+                "lambda_restore": self.lambda_restore, "restore_distance": self.restore_distance}
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())

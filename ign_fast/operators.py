@@ -7,8 +7,10 @@ Beyond A and its adjoint each operator here offers:
 - ``exact``: True when y is a noiseless measurement, so a restored x must satisfy A(x) = y exactly;
 - ``consistent(x, y)``: the smallest change to x that makes A(x) = y, x + A^T (A A^T)^-1 (y - A x), in closed
   form (A A^T is diagonal for every operator here);
-- ``initial(y)``: an image to start from (the known pixels with a dark background, a gray image copied to
-  the channels, a bicubic upsampling), which is what "project" feeds to f.
+- ``initial(y)``: an image to start from (the known pixels with the missing ones at MISSING_FILL, a gray
+  image copied to the channels, a bicubic upsampling), which is what "project" feeds to f;
+- ``corrupted_image(y)``: the corrupted image as it is shown and scored ("PSNR before"): ``initial(y)``, except
+  for a mask, whose missing pixels are black there (the issue's "square set to black").
 
 Operators compose: ``a * b`` is "b, then a" (deepinv's convention); ``Compose(b, a)`` lists the same steps in
 the order they are applied. A composition without a closed-form pseudo-inverse falls back to conjugate
@@ -24,6 +26,14 @@ from .validation import check_positive_int, check_tensor
 # ITU-R BT.601 luma weights (deepinv's Decolorize uses the same); they sum to 1, so a gray image copied to the
 # three channels is exactly consistent with its own measurement.
 LUMA = (0.299, 0.587, 0.114)
+
+# The value a missing pixel takes in what f is fed (Mask.initial, and the training term's masks in
+# ign_fast/corruptions.py). Not black: the digits' background is black (-1), so a square filled with black is
+# indistinguishable from empty background and f cannot know where the hole is; mid-gray 0 covers no digit
+# pixel in bulk, so f can learn to find and fill it (docs/RESTORE.md has the measurements).
+MISSING_FILL = 0.0
+# The value a missing pixel shows in the corrupted image the benchmark scores (corrupted_image).
+SHOWN_FILL = -1.0
 
 
 def _shape(t):
@@ -52,6 +62,9 @@ class Operator:
 
     def initial(self, y):
         return self.consistent(torch.zeros_like(self.A_adjoint(y)), y)
+
+    def corrupted_image(self, y):
+        return self.initial(y)
 
     def consistent(self, x, y):
         return consistent_cg(self, x, y)
@@ -107,8 +120,13 @@ class Mask(Operator):
     shape that broadcasts to x; only 0 and 1 (a soft mask has no exact consistency to keep)."""
 
     expects_y = "the shape of x, 0 where unknown"
+    # restore(method="auto") for a model trained with the term's masks (taught "mask"): f fills the gray hole in
+    # one pass; 2 alternations with the known pixels gained 0.3-0.5 dB over one, 40 lost 0.5 dB, and "latent"
+    # from noise lost 0.6 dB in 100x the time (docs/RESTORE.md)
+    taught_kind = "mask"
+    taught_auto = ("consistent", 2)
 
-    def __init__(self, known, fill=-1.0):
+    def __init__(self, known, fill=MISSING_FILL):
         check_tensor("known", known, floating=False)
         if known.dim() < 2:
             raise ValueError(f"known must be a mask of at least [H, W], got shape {_shape(known)}")
@@ -116,10 +134,14 @@ class Mask(Operator):
         if not bool(((known == 0) | (known == 1)).all()):
             raise ValueError("known must hold only 0 (missing) and 1 (observed)")
         self.known = known
-        # The value missing pixels take in initial(y): -1, the dark background of digits in [-1, 1], so the
-        # corrupted image is the issue's "square set to black". A gray 0 (deepinv's zero fill) gave "project"
-        # +0.4 dB on the demo model (128 digits) and changes nothing for "latent", which starts from noise.
-        self.fill = float(fill)
+        # The value missing pixels take in initial(y), what "project" and "consistent" feed f: MISSING_FILL
+        # (mid-gray) by default, which a model trained with the restoration term recognises as a hole.
+        try:
+            self.fill = float(fill)
+        except (TypeError, ValueError):
+            self.fill = float("nan")
+        if not -1.0 <= self.fill <= 1.0:
+            raise ValueError(f"fill must be a number in [-1, 1] (the images' range), got {fill!r}")
         self.expects = f"x: [B, C, H, W] that the mask of shape {_shape(known)} broadcasts to"
 
     def __repr__(self):
@@ -143,8 +165,14 @@ class Mask(Operator):
         return y * self._mask_for(y, self._check_y)
 
     def initial(self, y):
+        return self._filled(y, self.fill)
+
+    def corrupted_image(self, y):
+        return self._filled(y, SHOWN_FILL)
+
+    def _filled(self, y, value):
         m = self._mask_for(y, self._check_y)
-        return y * m + self.fill * (1 - m)
+        return y * m + value * (1 - m)
 
     def consistent(self, x, y):
         # A A^T = diag(known) and known is 0/1: the pseudo-inverse puts the observed pixels back.
@@ -157,6 +185,9 @@ class Grayscale(Operator):
 
     expects = "x: [B, 3, H, W] (RGB)"
     expects_y = "[B, 1, H, W]"
+    # restore(method="auto") for a model trained with the term's gray corruption: f once (docs/RESTORE.md)
+    taught_kind = "gray"
+    taught_auto = ("project", 1)
 
     def __init__(self, weights=LUMA):
         w = torch.as_tensor(weights, dtype=torch.float32)

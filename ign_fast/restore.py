@@ -8,8 +8,10 @@ Methods (all batched, deterministic for a seed):
                 (put the known pixels back, add the upsampled residual, spread the luminance residual);
 - "latent":     optimise the input u of f with Adam so that A(f(u)) matches y, from several starts at once
                 (prior noise), keep the start with the smallest measurement error per image, then C;
-- "auto":       the best measured (docs/RESTORE.md): the operator's `auto_method` where it names one
-                (Downsample: "project"), else "latent" for exact or nonlinear measurements (Mask, Edges) and
+- "auto":       the best measured (docs/RESTORE.md): for a model trained to undo this corruption (the
+                restoration term; `taught` names the kinds), the operator's `taught_auto` (Mask: "consistent"
+                x 2, Grayscale: "project"); else the operator's `auto_method` where it names one (Downsample:
+                "project"), else "latent" for exact or nonlinear measurements (Mask, Edges, Grayscale) and
                 "project" for noisy ones (putting y back would put the noise back; "latent" would fit it).
 
 Every result of an exact operator satisfies A(x) = y (to rounding), whatever f returned.
@@ -154,8 +156,21 @@ def _latent(f, y, operator, x0, steps, starts, lr, noise, seed, amp, combine, sp
         return candidates[errors.argmin(0), torch.arange(b, device=errors.device)]
 
 
+def auto_method(operator, taught=()):
+    """(method, steps or None) that method="auto" runs for this operator and a model taught these corruptions."""
+    kind = getattr(operator, "taught_kind", None)
+    if kind is not None and kind in taught:
+        return getattr(operator, "taught_auto")
+    if getattr(operator, "auto_method", None):
+        return operator.auto_method, None
+    # Noisy linear measurements (Identity with sigma > 0): one projection; exact ones and nonlinear ones (Edges):
+    # latent, the best measured on each (docs/RESTORE.md).
+    exact = is_exact(operator)
+    return ("latent" if exact or not getattr(operator, "linear", True) else "project"), None
+
+
 def restore(f, y, operator, method="auto", steps=None, seed=0, starts=None, lr=None, noise=None, amp="auto",
-            combine=None, sphere=True):
+            combine=None, sphere=True, taught=()):
     """Restore images from measurements y = A(x) with the projector f.
 
     f: x -> f(x), differentiable in x for "latent" (differentiable_f(model) gives one). y: measurements,
@@ -164,7 +179,8 @@ def restore(f, y, operator, method="auto", steps=None, seed=0, starts=None, lr=N
     Adam iterations ("latent"); default DEFAULT_STEPS. starts: "latent" starts per image (x0 and starts - 1
     noise draws). noise: (n, generator) -> n prior samples, the inputs f was trained on (default standard
     normal of x0's shape). amp: "auto" (bf16 autocast for the "latent" optimisation on CUDA), "bf16", "none".
-    Returns restored images [B, ...] in float32.
+    taught: the corruption kinds f was trained to undo ("mask", "noise", "gray"; Projector.restore passes the
+    run's), which "auto" uses. Returns restored images [B, ...] in float32.
     """
     operator = _check_operator(operator)
     if method not in METHODS:
@@ -174,13 +190,16 @@ def restore(f, y, operator, method="auto", steps=None, seed=0, starts=None, lr=N
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     exact = is_exact(operator)
+    if isinstance(taught, str) or not all(isinstance(k, str) for k in taught):
+        raise ValueError(f"taught must be a sequence of corruption names such as ('mask', 'noise'), got {taught!r}")
+    auto_steps = None
     if method == "auto":
-        # Noisy linear measurements (Identity with sigma > 0): one projection; exact ones and nonlinear ones
-        # (Edges): latent, the best measured on each (docs/RESTORE.md).
-        # An operator may name its own measured best (Downsample: f once beat 100 Adam iterations x 2 starts).
-        method = getattr(operator, "auto_method", None) or (
-            "latent" if exact or not getattr(operator, "linear", True) else "project")
-    steps = DEFAULT_STEPS[method] if steps is None else check_positive_int("steps", steps)
+        # An operator may name its own measured best (Downsample: f once beat 100 Adam iterations x 2 starts)
+        method, auto_steps = auto_method(operator, taught)
+    if steps is None:
+        steps = auto_steps or DEFAULT_STEPS[method]
+    else:
+        steps = check_positive_int("steps", steps)
     starts = DEFAULT_STARTS if starts is None else check_positive_int("starts", starts)
     lr = DEFAULT_LR if lr is None else check_positive_float("lr", lr)
     combine = DEFAULT_COMBINE if combine is None else combine
@@ -225,6 +244,7 @@ def restore_with_projector(projector, y, operator, method="auto", steps=None, se
             return module(x, 1)
     else:
         raise ValueError("this projector has neither a model nor a TorchScript module to restore with")
+    options.setdefault("taught", getattr(projector, "taught", ()))
     if "noise" not in options and projector.prior_kind != "none":
         def noise(n, generator):
             # Projector.noise takes an int seed (the same draw in Python, TorchScript and C++): one per call.

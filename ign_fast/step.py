@@ -23,6 +23,7 @@ import math
 import torch
 from torch.func import functional_call
 
+from . import ops
 from .graph_step import set_capturable
 from .objectives import IGNLoss
 from .validation import check_finite, check_tensor
@@ -115,11 +116,14 @@ class IGNStep:
     gradients), "graph" (fused, captured as a CUDA graph; fused on CPU). amp_dtype: run the forward under
     torch.autocast with this dtype (e.g. torch.bfloat16 on GPU). check_inputs: reject NaN/inf in x and z
     (one host sync per step; the trainer checks its data once at load instead). skip_nonfinite: leave the
-    weights untouched when the loss is not finite (see the module docstring).
+    weights untouched when the loss is not finite (see the module docstring). corrupt: x -> c(x) for the
+    restoration term loss.lambda_restore · mean d(f(c(x)), x) (default ign_fast.corruptions.TrainingCorruptions()
+    when lambda_restore > 0); f(c(x)) is one more call after the four (in the same batched call as f(x) and
+    f(z) in "fused" where the model has no batch coupling), and the terms gain "restore".
     """
 
     def __init__(self, model, optimizer, loss=None, mode="reference", amp_dtype=None, check_inputs=True,
-                 skip_nonfinite=True):
+                 skip_nonfinite=True, corrupt=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -132,6 +136,13 @@ class IGNStep:
             raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
         if amp_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+        if loss.lambda_restore > 0 and corrupt is None:
+            from .corruptions import TrainingCorruptions
+
+            corrupt = TrainingCorruptions()
+        if corrupt is not None and not callable(corrupt):
+            raise TypeError(f"corrupt must be callable (x -> corrupted x) or None, got {type(corrupt).__name__}")
+        self.corrupt = corrupt
         self.model, self.optimizer, self.loss, self.mode = model, optimizer, loss, mode
         self.amp_dtype, self.check_inputs = amp_dtype, check_inputs
         if not isinstance(skip_nonfinite, bool):
@@ -149,46 +160,72 @@ class IGNStep:
             optimizer.register_load_state_dict_post_hook(lambda opt: set_capturable(opt, False))
 
     def forward_loss(self, x, z, sync_free=False):
-        """The objective's terms for one batch, with the graph attached: (total, rec, idem, tight)."""
+        """The objective's terms for one batch, with the graph attached: (total, rec, idem, tight); total
+        includes the restoration term when loss.lambda_restore > 0."""
+        return self._terms(x, z, sync_free)[:4]
+
+    def _terms(self, x, z, sync_free=False):
+        """(total, rec, idem, tight, restore): restore is the per-sample d(f(c(x)), x), or None when off."""
         device_type = x.device.type
         with torch.autocast(device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
                             cache_enabled=not sync_free):
+            # c(x) drawn once, before any call, so both modes apply f to the same corrupted batch
+            cx = self.corrupt(x) if self.loss.lambda_restore > 0 else None
             if self.mode == "reference":
-                return self._reference_forward(x, z)
-            return self._fused_forward(x, z, sync_free)
+                (total, rec, idem, tight), f_cx = self._reference_forward(x, z, cx)
+            else:
+                (total, rec, idem, tight), f_cx = self._fused_forward(x, z, cx, sync_free)
+            restore = None
+            if f_cx is not None:  # f(c(x)) = x: f learns to undo the corruptions (issue 13)
+                restore = ops.per_sample_distance(f_cx, x, self.loss.restore_distance or self.loss.distance)
+                total = total + self.loss.lambda_restore * restore.mean()
+            return total, rec, idem, tight, restore
 
-    def _fused_forward(self, x, z, sync_free):
+    def _fused_forward(self, x, z, cx, sync_free):
         from .fused_step import shared_second_application
 
         model = self.model
         coupled = has_batch_coupling(model)
+        f_cx = None
         if coupled:  # BatchNorm with batch statistics: separate calls, so each sees the reference's batch
             fx = check_output("f(x)", model(x), x)
             fz = check_output("f(z)", model(z), z)
         else:
-            both = torch.cat([x, z])
+            inputs = [x, z] + ([cx] if cx is not None else [])
+            both = torch.cat(inputs)
             out = check_output("f(x, z)", model(both), both)
-            fx, fz = out[: x.shape[0]], out[x.shape[0]:]
+            fx, fz = out[: x.shape[0]], out[x.shape[0]: x.shape[0] + z.shape[0]]
+            if cx is not None:
+                f_cx = out[x.shape[0] + z.shape[0]:]
         f_fz, ff_z, self.last_plan = shared_second_application(model, fz, self.loss, coupled, sync_free)
-        return self.loss(x, fx, fz, check_output("f(f(z))", f_fz, fz), check_output("f(f(z))", ff_z, fz))
+        if coupled and cx is not None:  # after the second application, where the reference makes this call
+            f_cx = check_output("f(c(x))", model(cx), cx)
+        terms = self.loss(x, fx, fz, check_output("f(f(z))", f_fz, fz), check_output("f(f(z))", ff_z, fz))
+        return terms, f_cx
 
-    def _reference_forward(self, x, z):
+    def _reference_forward(self, x, z, cx=None):
         model = self.model
         fx = check_output("f(x)", model(x), x)
         fz = check_output("f(z)", model(z), z)
         ff_z = check_output("f(f(z))", model(fz.detach()), fz)  # f_θ(sg f_θ(z)): tight role, gradient into θ
         f_fz = check_output("f(f(z))", functional_call(model, frozen_state(model), (fz,)), fz)  # f_θ'(f_θ(z)): idem
-        return self.loss(x, fx, fz, f_fz, ff_z)
+        f_cx = None if cx is None else check_output("f(c(x))", model(cx), cx)  # the restoration term's call
+        return self.loss(x, fx, fz, f_fz, ff_z), f_cx
 
     def compute_gradients(self, x, z, sync_free=False):
-        """Forward and backward in the step's mode (gradients accumulate into .grad); the four terms as 0-dim
-        tensors. With sync_free it never reads a device value on the host (what a CUDA graph capture needs)."""
-        total, rec, idem, tight = self.forward_loss(x, z, sync_free)
+        """Forward and backward in the step's mode (gradients accumulate into .grad); the four terms (five with
+        the restoration term) as 0-dim tensors. With sync_free it never reads a device value on the host (what
+        a CUDA graph capture needs)."""
+        total, rec, idem, tight, restore = self._terms(x, z, sync_free)
         total.backward()
+        names = ["loss", "rec", "idem", "tight"]
         terms = [total.detach(), rec.detach().mean(), idem.detach().mean(), tight.detach().mean()]
+        if restore is not None:
+            names.append("restore")
+            terms.append(restore.detach().mean())
         if self.grad_sync is not None:
             terms = self.grad_sync(terms)
-        return dict(zip(("loss", "rec", "idem", "tight"), terms))
+        return dict(zip(names, terms))
 
     def run_update(self, x, z, skip_nonfinite=False):
         """One eager update; returns the four terms as 0-dim tensors. Without skip_nonfinite it does not

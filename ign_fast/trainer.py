@@ -68,8 +68,10 @@ class TrainConfig:
     lambda_tight: float = 2.5
     tight_clamp_ratio: float | None = 1.5
     lambda_imle: float = 1.0
-    lambda_restore: float = 0.0       # NAIGN: weight of d(f(c(x)), x), c drawn from restore_corruptions (issue 13)
+    lambda_restore: float = 0.0       # weight of d(f(c(x)), x), c drawn from restore_corruptions (issue 13)
     restore_corruptions: str = "mask,noise"
+    restore_distance: str | None = None  # the term's distance; None: `distance`
+    restore_mask_fill: float = 0.0    # the value of a masked square's pixels in the term (= operators.MISSING_FILL)
     candidates: int = 8
     refresh_every: int = 4             # NAIGN: a new pool and its candidates every 4 steps (docs/NAIGN.md)
     prior: str = "gaussian"
@@ -145,11 +147,12 @@ def validate_config(c):
     if c.lr_schedule != "constant" and c.step_mode == "graph":  # the captured optimizer step bakes lr in
         raise ValueError("lr_schedule 'cosine' needs step_mode auto, fused or reference: a CUDA graph replays "
                          "the learning rate it was captured with")
-    if c.lambda_restore and c.objective != "naign":
-        raise ValueError("lambda_restore is implemented for objective 'naign' only; got objective 'ign'")
-    from .corruptions import parse_kinds
+    from .corruptions import check_mask_fill, parse_kinds
 
     parse_kinds(c.restore_corruptions)
+    check_mask_fill(c.restore_mask_fill)
+    if c.restore_distance not in (None, "l1", "l2"):
+        raise ValueError(f"restore_distance must be 'l1', 'l2' or None (--distance), got {c.restore_distance!r}")
     for name in ("lr", "lambda_rec", "lambda_idem", "lambda_tight", "lambda_imle", "lambda_restore"):
         value = getattr(c, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -255,17 +258,18 @@ def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
     mode = config.step_mode
     if mode == "auto":  # the fused step everywhere: mode="graph" has not yet passed on a GPU (issue 11); it is
         mode = "fused"  # one flag away (--step-mode graph) and becomes the CUDA default with a recorded GPU run
-    if config.objective == "ign":
-        loss = IGNLoss(config.distance, config.lambda_rec, config.lambda_idem, config.lambda_tight,
-                       config.tight_clamp_ratio)
-        return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype, check_inputs=False)
-    loss = NAIGNLoss(config.distance, config.lambda_rec, config.lambda_imle, config.lambda_idem,
-                     config.candidates, config.refresh_every, config.lambda_restore)
     corrupt = None
     if config.lambda_restore > 0:
         from .corruptions import TrainingCorruptions, parse_kinds
 
-        corrupt = TrainingCorruptions(parse_kinds(config.restore_corruptions))
+        corrupt = TrainingCorruptions(parse_kinds(config.restore_corruptions), mask_fill=config.restore_mask_fill)
+    if config.objective == "ign":
+        loss = IGNLoss(config.distance, config.lambda_rec, config.lambda_idem, config.lambda_tight,
+                       config.tight_clamp_ratio, config.lambda_restore, config.restore_distance)
+        return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype, check_inputs=False,
+                       corrupt=corrupt)
+    loss = NAIGNLoss(config.distance, config.lambda_rec, config.lambda_imle, config.lambda_idem,
+                     config.candidates, config.refresh_every, config.lambda_restore, config.restore_distance)
     # NAIGN has no four-call reference step to choose: "reference" runs its one eager implementation
     return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype,
                      check_inputs=False, mode="graph" if mode == "graph" else "fused", corrupt=corrupt)

@@ -11,9 +11,11 @@ from ign_fast.data import (
     TOY_MODES,
     InMemoryLoader,
     eight_gaussians,
+    class_colors,
     load_dataset,
     load_image_folder,
     load_mnist5k,
+    load_mnist5k_color,
     load_mnist_idx,
     read_idx,
     rings,
@@ -47,6 +49,24 @@ def test_mnist5k_splits_are_disjoint_deterministic_and_shuffled():
     assert len(set(test_y.tolist())) == 10
     other_x, _ = load_mnist5k("train", holdout=1000, seed=1)
     assert not torch.equal(other_x, train_x)
+
+
+def test_mnist5k_color_is_each_digit_in_its_class_hue():
+    colors = class_colors()
+    assert colors.shape == (10, 3) and colors.min() == 0 and colors.max() == 1
+    assert len({tuple(c.tolist()) for c in colors}) == 10  # ten distinct hues
+    assert bool((colors.max(1).values == 1).all())  # fully saturated, full value
+    gray, gray_labels = load_mnist5k("test")
+    rgb, labels = load_mnist5k_color("test")
+    assert rgb.shape == (1000, 3, 28, 28) and torch.equal(labels, gray_labels)
+    assert rgb.min() >= -1 and rgb.max() <= 1
+    ink = (gray + 1) / 2
+    torch.testing.assert_close((rgb + 1) / 2, ink * colors[labels].view(-1, 3, 1, 1), rtol=0, atol=1e-6)
+    assert bool((rgb[(gray == -1).expand_as(rgb)] == -1).all())  # black background
+    train, _ = load_dataset("mnist5k-color", n=5)
+    assert train.shape == (5, 3, 28, 28)
+    with pytest.raises(ValueError, match="size must be None or 28"):
+        load_dataset("mnist5k-color", size=32)
 
 
 def test_mnist5k_returns_copies_not_the_cache():
@@ -230,7 +250,8 @@ def test_moons_and_rings_geometry():
 
 
 def test_load_dataset_toys_and_validation():
-    assert set(DATASET_NAMES) == {"mnist5k", "mnist", "images", "trimodal", "8gaussians", "moons", "rings"}
+    assert set(DATASET_NAMES) == {"mnist5k", "mnist5k-color", "mnist", "images", "trimodal", "8gaussians", "moons",
+                                  "rings"}
     train, labels = load_dataset("8gaussians", n=100)
     assert train.shape == (100, 2) and labels is None
     test, _ = load_dataset("8gaussians", split="test", n=100)

@@ -3,7 +3,7 @@ and is the nearest such x, composition, and one-line shape errors."""
 import pytest
 import torch
 
-from ign_fast.operators import (Compose, Downsample, Edges, Grayscale, Identity, Mask, consistent_cg,
+from ign_fast.operators import (MISSING_FILL, Compose, Downsample, Edges, Grayscale, Identity, Mask, consistent_cg,
                                 random_square_mask)
 
 
@@ -75,8 +75,23 @@ def test_mask_keeps_known_pixels_and_fills_the_rest():
     y = op.A(x)
     assert torch.equal(y[..., 1:3, 2:5], torch.zeros(2, 1, 2, 3))
     start = op.initial(y)
-    assert torch.equal(start[..., 1:3, 2:5], torch.full((2, 1, 2, 3), -1.0))
+    # what f is fed: the hole at mid-gray, a value f can tell from the black background
+    assert torch.equal(start[..., 1:3, 2:5], torch.full((2, 1, 2, 3), MISSING_FILL)) and MISSING_FILL == 0.0
     assert torch.equal(start * known, x * known)
+    # what is shown and scored: the hole black, the issue's masked digit
+    shown = op.corrupted_image(y)
+    assert torch.equal(shown[..., 1:3, 2:5], torch.full((2, 1, 2, 3), -1.0))
+    assert torch.equal(shown * known, x * known)
+    assert torch.equal(Mask(known, fill=0.5).initial(y)[..., 1:3, 2:5], torch.full((2, 1, 2, 3), 0.5))
+    # other operators show what they feed f
+    down = Downsample(2)
+    assert torch.equal(down.corrupted_image(down.A(x)), down.initial(down.A(x)))
+
+
+@pytest.mark.parametrize("fill", [1.5, -2, float("nan"), "gray"])
+def test_mask_fill_outside_the_image_range_is_refused(fill):
+    with pytest.raises(ValueError, match="fill must be a number in \\[-1, 1\\]"):
+        Mask(torch.ones(4, 4), fill=fill)
 
 
 def test_grayscale_initial_is_the_gray_image():

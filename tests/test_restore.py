@@ -70,7 +70,7 @@ def test_latent_beats_project_on_masks(linear_f, digits):
     _, clean = digits
     op, y = _mask_problem(clean)
     f = differentiable_f(linear_f)
-    masked = psnr(op.initial(y), clean)
+    masked = psnr(op.corrupted_image(y), clean)
     projected = psnr(restore(f, y, op, method="project"), clean)
     latent = psnr(restore(f, y, op, method="latent", steps=100, starts=2), clean)
     # Measured: masked 14.0 dB, project 23.1 dB, latent 71 dB (the known pixels pin the 6 codes down exactly).
@@ -211,6 +211,46 @@ def test_cli_restore_writes_grid_and_reports(tiny_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "PSNR" in text and "dB before" in text and "SSIM" in text
     assert os.path.isfile(os.path.join(out, "restore_mask_latent.png"))
+
+
+def test_auto_follows_what_the_model_was_taught(linear_f, digits):
+    from ign_fast.restore import auto_method
+
+    known = torch.ones(SIDE, SIDE)
+    known[4:9, 4:9] = 0
+    mask = Mask(known)
+    assert auto_method(mask) == ("latent", None)
+    assert auto_method(mask, ("noise",)) == ("latent", None)  # taught noise, not masks
+    assert auto_method(mask, ("mask", "noise")) == ("consistent", 2)
+    assert auto_method(Grayscale()) == ("latent", None) and auto_method(Grayscale(), ("gray",)) == ("project", 1)
+    assert auto_method(Downsample(2), ("mask",)) == ("project", None)
+    assert auto_method(Identity(0.5)) == ("project", None)
+    _, clean = digits
+    y = mask.A(clean[:4])
+    f = differentiable_f(linear_f)
+    torch.testing.assert_close(restore(f, y, mask, taught=("mask",)), restore(f, y, mask, method="consistent", steps=2),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="taught must be a sequence of corruption names"):
+        restore(f, y, mask, taught="mask")
+
+
+def test_projector_knows_what_its_run_was_taught(tiny_run, tmp_path):
+    assert Projector.load(tiny_run).taught == ()
+    run = str(tmp_path / "taught")
+    assert main(["train", *TINY, "--out", run, "--steps", "2", "--lambda-restore", "1"]) == 0
+    assert Projector.load(run).taught == ("mask", "noise")
+
+
+def test_cli_restore_colour_model_on_the_coloured_digits(tmp_path, capsys):
+    # a 3x28x28 model restores the held-out digits of the package's RGB set (mnist5k-color): gray -> colour
+    run = str(tmp_path / "color")
+    assert main(["train", *TINY, "--data", "mnist5k-color", "--out", run, "--steps", "2"]) == 0
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    assert main(["restore", run, "--corruption", "gray", "--n", "5", "--out", out, "--method", "project"]) == 0
+    text = capsys.readouterr().out
+    assert "gray (Grayscale())" in text and "5 images" in text
+    assert os.path.isfile(os.path.join(out, "restore_gray_project.png"))
 
 
 @pytest.mark.parametrize("args, match", [
