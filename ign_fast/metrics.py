@@ -610,20 +610,55 @@ def toy_mode_coverage(samples: torch.Tensor, modes: torch.Tensor, radius: float,
 # ----------------------------------------------------------------------------- everything for digits
 
 
+NUM_DIGIT_CLASSES = 10
+
+
+def class_accuracy(predicted: torch.Tensor, requested: torch.Tensor, num_classes: int = NUM_DIGIT_CLASSES) -> dict:
+    """How often a class-conditional generator's samples are the class they were asked for, judged by a
+    classifier: predicted and requested are [n] class indices (or predicted logits [n, K]). Per class the
+    share of its samples classified as it ("per_class", None for a class never requested), the worst class
+    and its share, and the mean over requested classes. JSON-able dict."""
+    if not isinstance(requested, torch.Tensor) or requested.dim() != 1:
+        raise ValueError(f"requested must be a [n] tensor of class indices, got "
+                         f"{list(requested.shape) if isinstance(requested, torch.Tensor) else type(requested).__name__}")
+    if not isinstance(predicted, torch.Tensor):
+        raise ValueError(f"predicted must be a tensor, got {type(predicted).__name__}")
+    if predicted.dim() == 2:
+        predicted = predicted.argmax(dim=1)
+    if predicted.shape != requested.shape:
+        raise ValueError(f"predicted must have one class per requested label ({requested.shape[0]}), got "
+                         f"{list(predicted.shape)}")
+    predicted, requested = predicted.cpu().long(), requested.cpu().long()
+    per_class = []
+    for k in range(num_classes):
+        asked = requested == k
+        per_class.append(float((predicted[asked] == k).float().mean()) if bool(asked.any()) else None)
+    scored = [(a, k) for k, a in enumerate(per_class) if a is not None]
+    if not scored:
+        raise ValueError("requested must hold at least one class index in 0.."
+                         f"{num_classes - 1}")
+    worst_accuracy, worst_class = min(scored)
+    return {"per_class": per_class, "worst_class": worst_class, "worst_accuracy": worst_accuracy,
+            "mean_accuracy": sum(a for a, _ in scored) / len(scored), "n": int(requested.shape[0])}
+
+
 def _mean_confidence(logits: torch.Tensor) -> float:
     return float(logits.softmax(1).max(1).values.double().mean())
 
 
 @torch.no_grad()
 def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
-                    classifier: DigitClassifier | None = None, batch_size: int = 500) -> dict:
+                    classifier: DigitClassifier | None = None, batch_size: int = 500,
+                    requested_labels: torch.Tensor | None = None) -> dict:
     """All digit metrics for a generator: ``generate_fn(m)`` must return [m, 1, 28, 28] in [-1, 1];
     it is called in chunks of at most ``batch_size``.
 
     Against MNIST-5k "test" (held out from the generator's "train" split): digit FID, mode coverage,
     PRDC (k=5) on classifier features, mean classifier confidence (max softmax; compare with
     "heldout_confidence", the same for real digits, since label smoothing caps it near 0.91) and
-    novelty against "train". JSON-able dict.
+    novelty against "train". JSON-able dict. requested_labels ([n], a class-conditional generator's): the
+    class each generated digit was asked for, in the order generate_fn returns them; adds "class_accuracy"
+    (class_accuracy: the share of each class's samples the classifier calls that class, and the worst).
     """
     from .data import load_mnist5k
 
@@ -633,6 +668,10 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
     batch_size = check_positive_int("batch_size", batch_size)
     if n < 6:
         raise ValueError(f"n must be >= 6 (PRDC uses 5 neighbours), got {n}")
+    if requested_labels is not None and (not isinstance(requested_labels, torch.Tensor)
+                                         or tuple(requested_labels.shape) != (n,)):
+        raise ValueError(f"requested_labels must be a tensor [n] = [{n}] of class indices, got "
+                         f"{type(requested_labels).__name__}")
     chunks = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
@@ -647,7 +686,7 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
     heldout, _ = load_mnist5k("test")
     fake_feats, fake_logits = _classifier_outputs(classifier, samples, batch_size)
     real_feats, real_logits = _classifier_outputs(classifier, heldout, batch_size)
-    return {
+    report = {
         "n": n,
         "fid": frechet_distance(fake_feats, real_feats),
         "mode_coverage": mode_coverage(fake_logits),
@@ -657,3 +696,6 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
         "novelty": novelty(samples, train, heldout),
         "classifier_heldout_accuracy": float(classifier.heldout_accuracy),
     }
+    if requested_labels is not None:
+        report["class_accuracy"] = class_accuracy(fake_logits, requested_labels)
+    return report
