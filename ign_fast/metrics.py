@@ -632,7 +632,7 @@ def class_accuracy(predicted: torch.Tensor, requested: torch.Tensor, num_classes
     per_class = []
     for k in range(num_classes):
         asked = requested == k
-        per_class.append(float((predicted[asked] == k).float().mean()) if bool(asked.any()) else None)
+        per_class.append(float((predicted[asked] == k).double().mean()) if bool(asked.any()) else None)
     scored = [(a, k) for k, a in enumerate(per_class) if a is not None]
     if not scored:
         raise ValueError("requested must hold at least one class index in 0.."
