@@ -373,8 +373,12 @@ def test_onnx_export_takes_labels(tmp_path):
 
 def test_a_short_conditional_run_generates_the_requested_classes(tmp_path):
     """150 NAIGN steps of a small model (width 16, batch 32): the package's classifier calls its samples the
-    requested class far more often than chance (10%). Measured on this configuration: mean accuracy over the
-    classes well above 0.3; an f that ignored its label planes would sit near 0.1."""
+    requested class far more often than chance. Measured on this configuration (CPU, 2026-11-30): mean
+    accuracy over the classes 0.39 (100 steps at lr 2e-3: 0.35). An f that ignored its label planes would
+    score 0.1 whatever it drew (each class is requested equally often), with a standard error of about 0.02
+    on 300 samples; 0.2 is twice chance and 5 standard errors above it. (Blurry early samples are mostly
+    called 8, so single classes still score 0 this early: the per-class bar is the measured run's, in
+    docs/CONDITIONAL.md.)"""
     from ign_fast.conditional import apply_conditioned
     from ign_fast.metrics import load_digit_classifier
 
@@ -389,4 +393,4 @@ def test_a_short_conditional_run_generates_the_requested_classes(tmp_path):
     with torch.no_grad():
         logits = load_digit_classifier()(samples)
     report = class_accuracy(logits, labels)
-    assert report["mean_accuracy"] > 0.3, report
+    assert report["mean_accuracy"] > 0.2, report
