@@ -55,6 +55,13 @@ def _rebuild(state, where, model=None, trust_model_code=False, ema=True):
                               f"{' and '.join(missing)}")
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    record = meta["model_config"]
+    if model is not None and isinstance(record, dict) and isinstance(record.get("conditional"), dict):
+        from .conditional import LabelConditioned
+
+        if not isinstance(model, LabelConditioned):  # the user's base module: wrapped as the run trained it
+            spec = record["conditional"]
+            model = LabelConditioned(model, spec.get("num_classes"), spec.get("image_channels"))
     try:
         if model is None:
             model = rebuild(meta["model_config"], trust_model_code)

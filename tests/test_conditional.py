@@ -196,6 +196,19 @@ def test_resume_continues_a_conditional_run_exactly(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_users_module_trains_conditionally_and_loads_back(tmp_path):
+    """Any nn.Module that takes C+K channels: the trainer wraps it, Projector.load(run, model=module) too."""
+    torch.manual_seed(0)
+    trainer = Trainer(small_config(tmp_path, steps=2), model=KeepsShape(), data=labelled_digits())
+    trainer.fit()
+    assert isinstance(trainer.model, LabelConditioned)
+    assert trainer.model_record["conditional"] == {"num_classes": K, "image_channels": C}
+    projector = Projector.load(str(tmp_path / "run"), model=KeepsShape(), ema=False)
+    x = torch.rand(2, C, 28, 28) * 2 - 1
+    expected = trainer.model.eval()(condition(x, torch.tensor([2, 5]), K))[:, :C]
+    torch.testing.assert_close(projector.project(x, labels=[2, 5]), expected.detach())
+
+
 def test_data_without_labels_is_a_one_line_error_naming_conditional(tmp_path):
     images, _ = labelled_digits()
     one_line(ValueError, lambda: Trainer(small_config(tmp_path), data=images), "--conditional", "no labels")
