@@ -5,7 +5,7 @@ pools of k·B noise with balanced labels, candidates f(z̃) made with the traine
 makes them, every training digit searched in batches of B; prints the share of matches with the data point's
 label, and the same share had the search seen the image channels only.
 
-    python experiments/conditional_nn_match.py runs/cond
+    python experiments/conditional_nn_match.py runs/cond 32     # run folder, pools of 8 x 64 (default 8)
 """
 import sys
 
@@ -42,4 +42,4 @@ def main(run, pools=8, batch=64, candidates=8, seed=0):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/cond")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/cond", int(sys.argv[2]) if len(sys.argv) > 2 else 8)
