@@ -51,6 +51,8 @@ def _add_train(sub):
                         "not this many more (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 (ign) or 64 (naign)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (ign), 5e-4 (naign), 2e-3 (naign on toy sets)")
+    p.add_argument("--lr-schedule", default=d.lr_schedule,
+                   help="constant | cosine (a half cosine from --lr to 0 over --steps; default %(default)s)")
     p.add_argument("--distance", default=d.distance, help="l1 | l2 (default %(default)s)")
     p.add_argument("--lambda-rec", type=float, default=None, help="weight of f(x) = x; default 20 (ign) or 1 (naign)")
     p.add_argument("--lambda-idem", type=float, default=None,

@@ -254,6 +254,33 @@ TOY_MODES = {
 }
 
 
+def _moon_arcs(t):
+    """The noiseless two moons at parameter t in [0, pi]: (upper [n, 2], lower [n, 2]), as two_moons lays them."""
+    upper = torch.stack([t.cos() - 0.5, t.sin() - 0.25], dim=1)
+    lower = torch.stack([(1.0 - t.cos()) - 0.5, (0.5 - t.sin()) - 0.25], dim=1)
+    return upper, lower
+
+
+def toy_curve(name: str, segments: int = 12, points_per_segment: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noiseless manifold of "moons" or "rings" as dense points [M, 2] and each point's segment id [M].
+
+    Each of the two moons (or rings) is cut into ``segments`` arcs of equal parameter length, so every arc
+    holds the same share of the data (two_moons and rings draw their parameter uniformly): the "modes" that
+    metrics.toy_curve_coverage counts, the curve analogue of TOY_MODES."""
+    _check_choice("name", name, ("moons", "rings"))
+    segments = _check_int("segments", segments, 1)
+    points_per_segment = _check_int("points_per_segment", points_per_segment, 1)
+    m = segments * points_per_segment
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m  # midpoints: no point sits on a segment boundary
+    if name == "moons":
+        parts = _moon_arcs(math.pi * u)
+    else:
+        angle = 2 * math.pi * u
+        parts = tuple(r * torch.stack([angle.cos(), angle.sin()], dim=1) for r in RINGS_RADII)
+    ids = torch.arange(m) // points_per_segment
+    return (torch.cat(parts).float(), torch.cat([ids + i * segments for i in range(len(parts))]))
+
+
 def _toy_generator(n: Any, seed: Any) -> torch.Generator:
     _check_int("n", n, 1)
     return torch.Generator().manual_seed(_check_int("seed", seed, 0))
@@ -280,9 +307,8 @@ def two_moons(n: int, seed: int = 0) -> torch.Tensor:
     g = _toy_generator(n, seed)
     upper = torch.rand(n, generator=g) < 0.5
     t = math.pi * torch.rand(n, generator=g)
-    x = torch.where(upper, t.cos(), 1.0 - t.cos())
-    y = torch.where(upper, t.sin(), 0.5 - t.sin())
-    points = torch.stack([x - 0.5, y - 0.25], dim=1)
+    upper_arc, lower_arc = _moon_arcs(t)
+    points = torch.where(upper[:, None], upper_arc, lower_arc)
     return points + MOONS_NOISE * torch.randn(n, 2, generator=g)
 
 

@@ -21,12 +21,15 @@ between backward and optimizer.step: exactly one reduction per step in every mod
 the loss is a mean over samples and every rank holds B/R samples of the global batch B, the average of the
 ranks' gradients is the gradient of the global batch's loss (for models without BatchNorm, whose output for
 a sample does not depend on the rest of its batch).
+
+The noise is one stream shared by all ranks: each draws the global batch's noise and keeps its slice, and
+NAIGN's candidates are made 1/R per rank and gathered (CandidateGather), so with such models R ranks train
+exactly what one process on the global batch trains, and a checkpoint resumes at any world size.
 """
 import atexit
 import datetime
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -50,14 +53,6 @@ class DistContext:
     def barrier(self):
         if self.enabled:
             dist.barrier()
-
-    def all_gather_object(self, value):
-        """Every rank's value, in rank order (for small host objects such as generator states)."""
-        if not self.enabled:
-            return [value]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, value)
-        return out
 
     def broadcast_module(self, module):
         """Rank 0's parameters and buffers onto every rank, so all replicas start identical."""
@@ -120,12 +115,28 @@ def init_from_env(device_name="auto"):
     return DistContext(rank, world_size, local_rank, backend), device_name
 
 
-def rank_seed(seed, rank):
-    """The noise seed of one rank: rank 0 keeps seed + 1 (a single-process run's noise stream, so its
-    checkpoints stay comparable), the others get streams mixed from (seed, rank) that share no seed."""
-    if rank == 0:
-        return seed + 1
-    return int(np.random.SeedSequence([seed, rank, 0x1C9]).generate_state(1, dtype=np.uint64)[0] >> 1)
+class CandidateGather:
+    """NAIGN's candidate search across ranks, so a data-parallel run searches what one process would.
+
+    Every rank draws the same global pool of k·B noise samples (the trainer's noise stream is shared), makes
+    the candidates f(z) of its own contiguous 1/R of it, and `gather` puts the R pieces back together in rank
+    order: each rank then matches its B/R data points against all k·B candidates, as one process with the
+    global batch B does (a per-rank pool would search only k·B/R). Generating candidates stays split R ways;
+    the cost is one all-gather of the candidates per pool refresh and the global pool held on every rank."""
+
+    def __init__(self, rank, world_size):
+        self.rank, self.world_size = rank, world_size
+
+    def local(self, pool):
+        """This rank's slice of the global pool (the pool's size is k·B, a multiple of R)."""
+        n = pool.shape[0] // self.world_size
+        return pool[self.rank * n:(self.rank + 1) * n]
+
+    def gather(self, candidates):
+        """The candidates of every rank's slice, concatenated in rank order."""
+        parts = [torch.empty_like(candidates) for _ in range(self.world_size)]
+        dist.all_gather(parts, candidates.contiguous())
+        return torch.cat(parts)
 
 
 class GradientAverager:

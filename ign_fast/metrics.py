@@ -607,6 +607,35 @@ def toy_mode_coverage(samples: torch.Tensor, modes: torch.Tensor, radius: float,
             "counts": counts.tolist(), "min_count": min_count}
 
 
+def toy_curve_coverage(samples: torch.Tensor, curve: torch.Tensor, segment: torch.Tensor, radius: float,
+                       min_count: int | None = None) -> dict:
+    """Coverage of a data set lying on curves (two moons, rings), with ``ign_fast.data.toy_curve``'s points.
+
+    A sample is "high quality" when within ``radius`` of the noiseless curve (3 x the data's noise is the
+    usual choice) and then belongs to the arc ``segment`` of its nearest curve point; an arc is covered when
+    at least ``min_count`` high-quality samples land on it (default a fifth of its fair share,
+    max(1, n // (5 * arcs))). The arcs play the modes' part in toy_mode_coverage: a generator that keeps to
+    one end of a moon scores a high "high_quality" but a low "arcs_covered". Returns {"arcs_covered",
+    "high_quality", "counts", "min_count"}."""
+    x, c = check_tensor("samples", samples), check_tensor("curve", curve)
+    if x.dim() != 2 or c.dim() != 2 or x.shape[1] != c.shape[1] or x.shape[0] == 0 or c.shape[0] == 0:
+        raise ValueError(f"samples and curve must be non-empty [N, D] and [M, D], got {tuple(x.shape)} "
+                         f"and {tuple(c.shape)}")
+    if not isinstance(segment, torch.Tensor) or segment.dtype != torch.int64 or segment.shape != (c.shape[0],):
+        raise ValueError(f"segment must be an int64 tensor [{c.shape[0]}] (an arc id per curve point), got "
+                         f"{getattr(segment, 'dtype', type(segment).__name__)} {tuple(getattr(segment, 'shape', ()))}")
+    radius = check_positive_float("radius", radius)
+    arcs = int(segment.max()) + 1
+    if min_count is None:
+        min_count = max(1, x.shape[0] // (5 * arcs))
+    min_count = check_positive_int("min_count", min_count)
+    nearest, which = torch.cdist(x.double(), c.double().to(x.device)).min(1)
+    good = (nearest <= radius).cpu()
+    counts = torch.bincount(segment[which.cpu()][good], minlength=arcs)
+    return {"arcs_covered": float((counts >= min_count).double().mean()), "high_quality": float(good.double().mean()),
+            "counts": counts.tolist(), "min_count": min_count}
+
+
 # ----------------------------------------------------------------------------- everything for digits
 
 
@@ -656,9 +685,16 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
     Against MNIST-5k "test" (held out from the generator's "train" split): digit FID, mode coverage,
     PRDC (k=5) on classifier features, mean classifier confidence (max softmax; compare with
     "heldout_confidence", the same for real digits, since label smoothing caps it near 0.91) and
-    novelty against "train". JSON-able dict. requested_labels ([n], a class-conditional generator's): the
-    class each generated digit was asked for, in the order generate_fn returns them; adds "class_accuracy"
-    (class_accuracy: the share of each class's samples the classifier calls that class, and the worst).
+    novelty against "train". JSON-able dict.
+
+    "reference_fid" is the yardstick: the same FID for the real "train" digits (4,000) against "test", what a
+    generator that reproduced the data distribution exactly would score with this classifier and these
+    sample sizes (FID's bias falls with the sample count, so with n > 4000 a perfect generator would score
+    a little below it); "fid_over_reference" is the ratio.
+
+    requested_labels ([n], a class-conditional generator's): the class each generated digit was asked for, in
+    the order generate_fn returns them; adds "class_accuracy" (class_accuracy: the share of each class's
+    samples the classifier calls that class, and the worst).
     """
     from .data import load_mnist5k
 
@@ -686,9 +722,14 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
     heldout, _ = load_mnist5k("test")
     fake_feats, fake_logits = _classifier_outputs(classifier, samples, batch_size)
     real_feats, real_logits = _classifier_outputs(classifier, heldout, batch_size)
+    train_feats, _ = _classifier_outputs(classifier, train, batch_size)
+    fid = frechet_distance(fake_feats, real_feats)
+    reference_fid = frechet_distance(train_feats, real_feats)
     report = {
         "n": n,
-        "fid": frechet_distance(fake_feats, real_feats),
+        "fid": fid,
+        "reference_fid": reference_fid,
+        "fid_over_reference": fid / reference_fid,
         "mode_coverage": mode_coverage(fake_logits),
         "prdc": prdc(real_feats, fake_feats, k=5),
         "confidence": _mean_confidence(fake_logits),

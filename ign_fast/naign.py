@@ -114,6 +114,9 @@ class NAIGNStep:
         self.check_inputs, self.skip_nonfinite = check_inputs, skip_nonfinite
         self.last_skipped = False
         self.grad_sync = None
+        # data parallel (set by the trainer under torchrun): a distributed.CandidateGather; the pool is then
+        # the global batch's k·B samples, the same on every rank, and the search covers all of it
+        self.candidate_gather = None
         self.calls = 0
         self.pool = None
         self.candidates = None  # f(pool) as generated at the pool's last refresh
@@ -128,11 +131,15 @@ class NAIGNStep:
     def _pool_for(self, x, z_pool):
         """(pool, fresh): the caller's pool (always fresh), or the step's own, redrawn every R calls."""
         need = self.loss.candidates_per_sample * x.shape[0]
+        if self.candidate_gather is not None:
+            need *= self.candidate_gather.world_size
         if z_pool is not None:
             check_step_inputs(x, z_pool, check_values=self.check_inputs, z_name="z_pool")
             if z_pool.shape[0] != need:  # a smaller pool silently weakens IMLE's every-point-claims-a-sample
-                raise ValueError(f"z_pool must hold candidates_per_sample x batch = {self.loss.candidates_per_sample}"
-                                 f" x {x.shape[0]} = {need} noise samples, got {z_pool.shape[0]}")
+                ranks = "" if self.candidate_gather is None else f" x {self.candidate_gather.world_size} ranks"
+                raise ValueError(f"z_pool must hold candidates_per_sample x batch{ranks} = "
+                                 f"{self.loss.candidates_per_sample} x {x.shape[0]}{ranks} = {need} noise samples, "
+                                 f"got {z_pool.shape[0]}")
             return z_pool, True
         if self.sample_noise is None:
             raise ValueError("z_pool must be given when the step has no sample_noise function")
@@ -160,8 +167,12 @@ class NAIGNStep:
     def _forward(self, x, z_pool, candidates=None):
         """The five terms and the candidates searched (made here from a fresh pool when candidates is None)."""
         if candidates is None:
-            candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, z_pool,
-                                                                                  self.candidate_chunk), z_pool)
+            gather = self.candidate_gather
+            own = z_pool if gather is None else gather.local(z_pool)
+            candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, own,
+                                                                                  self.candidate_chunk), own)
+            if gather is not None:
+                candidates = gather.gather(candidates)
         index, nn_distance = ops.nearest_neighbors(x, candidates, self.loss.distance)
         z_nn = z_pool.index_select(0, index)
         model = self.model

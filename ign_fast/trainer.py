@@ -2,11 +2,12 @@
 resume (on CPU a resumed run's losses equal an uninterrupted run's).
 
 Under torchrun (ign_fast/distributed.py) batch_size is the global batch: each of R ranks trains on its own
-B/R-sample shard of it with noise from its own seed, gradients are averaged across ranks every step, and only
-rank 0 writes logs, samples and checkpoints. A checkpoint's data position counts global batches, so it means
-the same thing at any world size: resuming with another number of ranks continues at the same epoch and
-step, on the same global batches (see docs/RELIABILITY.md); only the noise streams of ranks the checkpoint
-did not have start afresh, from (seed, rank, step).
+B/R-sample shard of it, gradients are averaged across ranks every step, and only rank 0 writes logs, samples
+and checkpoints. The noise stream is shared: every rank draws the global batch's noise and takes its own
+slice (IGN), or holds the global pool and makes 1/R of its candidates (NAIGN, distributed.CandidateGather),
+so R ranks compute what one process on the global batch does. A checkpoint's data position counts global
+batches and its noise state is the one shared stream, so resuming with another number of ranks continues
+exactly, on the same global batches and the same noise (see docs/RELIABILITY.md).
 
 A step whose loss is not finite is skipped (no update) and counted; max_nonfinite_steps of them in a row stop
 training with NonFiniteTrainingError, and no checkpoint is written at a skipped step.
@@ -25,7 +26,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -60,6 +60,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int | None = None     # None: 256 for ign, 64 for naign
     lr: float | None = None           # None: 1e-4 for ign, 5e-4 for naign
+    lr_schedule: str = "constant"     # "cosine": lr follows a half cosine from lr to 0 over `steps`
     beta1: float = 0.5
     beta2: float = 0.999
     distance: str = "l1"
@@ -136,7 +137,8 @@ def validate_config(c):
         raise ValueError(f"conditional must be True or False, got {c.conditional!r}")
     choices = {"objective": ("ign", "naign"), "data": DATASET_NAMES,
                "norm": ("batch", "group", "none"), "distance": ("l1", "l2"), "prior": PRIOR_KINDS,
-               "step_mode": ("auto", "reference", "fused", "graph"), "amp": ("auto", "bf16", "none")}
+               "step_mode": ("auto", "reference", "fused", "graph"), "amp": ("auto", "bf16", "none"),
+               "lr_schedule": ("constant", "cosine")}
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {getattr(c, name)!r}")
@@ -145,6 +147,9 @@ def validate_config(c):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if c.lr_schedule != "constant" and c.step_mode == "graph":  # the captured optimizer step bakes lr in
+        raise ValueError("lr_schedule 'cosine' needs step_mode auto, fused or reference: a CUDA graph replays "
+                         "the learning rate it was captured with")
     if c.lambda_restore and c.objective != "naign":
         raise ValueError("lambda_restore is implemented for objective 'naign' only; got objective 'ign'")
     from .corruptions import parse_kinds
@@ -173,6 +178,8 @@ def validate_config(c):
                                                                                       and value is None):
             raise ValueError(f"{name} must be a non-empty path{' or None' if name == 'data_root' else ''}, "
                              f"got {value!r}")
+    if c.data_root is not None and not os.path.isdir(c.data_root):  # before any loader says "root"
+        raise ValueError(f"data_root (--data-root) must be an existing folder, got {os.fspath(c.data_root)!r}")
     if not (isinstance(c.progress, bool) or c.progress in ("auto", "lines")):
         raise ValueError(f"progress must be True or False, 'auto' or 'lines', got {c.progress!r}")
     if not isinstance(c.sync_batchnorm, bool):
@@ -520,7 +527,9 @@ class Trainer:
         self.prior = build_prior(c.prior, data=sample, shape=self.sample_shape)
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay is not None else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
-        self.noise_generator = torch.Generator().manual_seed(distributed.rank_seed(c.seed, self.dist.rank))
+        # one noise stream for all ranks (seed + 1, as single-process runs have always used): each rank takes
+        # its slice of the global draw, so the run is the same at any world size
+        self.noise_generator = torch.Generator().manual_seed(c.seed + 1)
         self.amp = c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda")
         # a conditional run's terms are means over C+K channels, K of them label planes that add 0: scaled
         # back so its λ, loss and logged terms mean what an unconditional run's do (build_step)
@@ -531,6 +540,8 @@ class Trainer:
                                   image_channels=image_channels)
         if self.dist.enabled:
             self.step_fn.grad_sync = distributed.GradientAverager(self.model.parameters(), world)
+            if isinstance(self.step_fn, NAIGNStep):
+                self.step_fn.candidate_gather = distributed.CandidateGather(self.dist.rank, world)
         self.step = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         # no rank may write into out before every rank has looked at it (check_run_folder above)
@@ -583,8 +594,9 @@ class Trainer:
                 "global_batch_size": self.config.batch_size, "data_border_mean": self.data_border_mean,
                 "conditional": self.num_classes is not None, "num_classes": self.num_classes}
 
-    def _rank_states(self):
-        states = {"noise_generator": self.noise_generator.get_state()}
+    def _rng_states(self):
+        """The shared noise stream, and NAIGN's global pool and candidates: the same on every rank, so rank 0's."""
+        states = {"torch_cpu": torch.get_rng_state(), "noise_generator": self.noise_generator.get_state()}
         pool = getattr(self.step_fn, "pool", None)
         if pool is not None:
             states["naign_pool"] = pool.detach().cpu()
@@ -593,21 +605,12 @@ class Trainer:
             states["naign_candidates"] = candidates.detach().cpu()
         return states
 
-    def _rng_states(self, per_rank):
-        """Rank 0's states under their single-process names; rank r's with the suffix _rank<r>."""
-        states = {"torch_cpu": torch.get_rng_state()}
-        for rank, rank_states in enumerate(per_rank):
-            suffix = "" if rank == 0 else f"_rank{rank}"
-            states.update({k + suffix: v for k, v in rank_states.items()})
-        return states
-
     def save(self):
-        """Every rank calls this (its noise state goes into the checkpoint); rank 0 writes it."""
-        per_rank = self.dist.all_gather_object(self._rank_states())
+        """Every rank calls this; rank 0 writes the checkpoint, the others wait for it."""
         path = None
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.config.out, self.step, model=self.model, optimizer=self.optimizer,
-                                        prior=self.prior, meta=self._meta(), rng_states=self._rng_states(per_rank),
+                                        prior=self.prior, meta=self._meta(), rng_states=self._rng_states(),
                                         keep=self.config.keep, ema=self.ema.state_dict() if self.ema else None)
         # no rank runs on (or exits, or resumes) before the checkpoint is complete on disk
         self.dist.barrier()
@@ -649,19 +652,18 @@ class Trainer:
             loader_state = {"epoch": loader_state["epoch"] + 1, "position": 0}
         self.loader.load_state_dict(loader_state)
         rng = state["rng"]
-        suffix = "" if self.dist.rank == 0 else f"_rank{self.dist.rank}"
-        if "noise_generator" + suffix in rng:
-            self.noise_generator.set_state(rng["noise_generator" + suffix])
-        else:  # a rank the checkpoint's run did not have: a fresh stream, distinct per (seed, rank, step)
-            fresh = np.random.SeedSequence([self.config.seed, self.dist.rank, int(meta["step"])])
-            self.noise_generator.manual_seed(int(fresh.generate_state(1, dtype=np.uint64)[0] >> 1))
+        # every rank continues the one shared stream (checkpoints written before it was shared also carry
+        # other ranks' streams, "noise_generator_rank<r>": not used)
+        self.noise_generator.set_state(rng["noise_generator"])
         torch.set_rng_state(rng["torch_cpu"])
         if isinstance(self.step_fn, NAIGNStep):
             self.step_fn.calls = meta.get("naign_calls", 0)
-            if "naign_pool" + suffix in rng:
-                self.step_fn.pool = rng["naign_pool" + suffix].to(self.device)
-            if "naign_candidates" + suffix in rng:
-                self.step_fn.candidates = rng["naign_candidates" + suffix].to(self.device)
+            pool, candidates = rng.get("naign_pool"), rng.get("naign_candidates")
+            # a pool saved at another world size, or by a run whose ranks kept their own pools, is redrawn
+            if pool is not None and pool.shape[0] == self.config.candidates * self.config.batch_size:
+                self.step_fn.pool = pool.to(self.device)
+                if candidates is not None and candidates.shape == pool.shape:
+                    self.step_fn.candidates = candidates.to(self.device)
         self.step = int(meta["step"])
         return self.step
 
@@ -685,15 +687,26 @@ class Trainer:
                                          f"in a row had a non-finite loss (max_nonfinite_steps={limit}); last "
                                          f"good checkpoint: {last_good}")
 
+    def learning_rate(self, step):
+        """The learning rate of update number step + 1: a function of the step alone, so resume is exact."""
+        c = self.config
+        if c.lr_schedule == "cosine":
+            return c.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / c.steps, 1.0)))
+        return c.lr
+
     def train_step(self):
+        if self.config.lr_schedule != "constant":
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(self.step)
         batch = self.loader.next_batch()
         x = batch[0] if self.num_classes is not None else batch
         x = x.to(self.device, non_blocking=True)
         x = to_model_range(x).to(self.model_dtype)  # uint8 pixels travel as bytes, then become [-1, 1] floats
         if self.num_classes is not None:  # x̃ = cat(x, label planes), built on the device
             x = condition(x, batch[1].to(self.device, non_blocking=True), self.num_classes)
-        if isinstance(self.step_fn, IGNStep):
-            out = self.step_fn(x, self.sample_noise(x.shape[0]))
+        if isinstance(self.step_fn, IGNStep):  # the global batch's noise, this rank's contiguous slice of it
+            n, rank = x.shape[0], self.dist.rank
+            out = self.step_fn(x, self.sample_noise(n * self.dist.world_size)[rank * n:(rank + 1) * n])
         else:
             out = self.step_fn(x)
         if self.term_scale != 1.0:  # the image's own distances (the total is already in those units)

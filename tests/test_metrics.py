@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ign_fast import metrics
-from ign_fast.data import TOY_MODES, eight_gaussians, load_mnist5k
+from ign_fast.data import TOY_MODES, eight_gaussians, load_mnist5k, rings, toy_curve, two_moons
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,6 +242,23 @@ def test_toy_mode_coverage_of_the_real_mixture_and_of_a_collapsed_one():
     assert far["modes_covered"] == 0.0 and far["high_quality"] == 0.0
 
 
+@pytest.mark.parametrize("name, make", [("moons", two_moons), ("rings", rings)])
+def test_toy_curve_coverage_of_the_real_set_of_one_arc_and_of_noise(name, make):
+    curve, segment = toy_curve(name)
+    assert curve.shape == (2 * 12 * 40, 2) and segment.tolist() == [i // 40 for i in range(2 * 12 * 40)]
+    full = metrics.toy_curve_coverage(make(6000), curve, segment, radius=0.15)
+    assert full["arcs_covered"] == 1.0 and full["high_quality"] > 0.99  # 3 x the noise holds 99.7%
+    assert min(full["counts"]) > 6000 / 24 * 0.7  # equal-share arcs: each close to n / 24
+    one_arc = curve[segment == 5].repeat(10, 1)  # every sample on the curve, all on arc 5
+    out = metrics.toy_curve_coverage(one_arc, curve, segment, radius=0.15)
+    assert out["arcs_covered"] == pytest.approx(1 / 24) and out["high_quality"] == 1.0
+    assert out["counts"][5] == len(one_arc)
+    noise = metrics.toy_curve_coverage(torch.full((50, 2), 5.0), curve, segment, radius=0.15)
+    assert noise["arcs_covered"] == 0.0 and noise["high_quality"] == 0.0
+    with pytest.raises(ValueError, match="segment must be an int64"):
+        metrics.toy_curve_coverage(one_arc, curve, segment.float(), radius=0.15)
+
+
 def test_toy_mode_coverage_min_count():
     modes = TOY_MODES["trimodal"]
     samples = torch.tensor([[-2.0]] * 10 + [[0.0]] * 2 + [[2.0]] * 10)
@@ -355,6 +372,25 @@ def test_evaluate_digits_flags_a_generator_that_copies_training_images(trained_c
     assert report["fid"] < 5 and report["confidence"] > report["heldout_confidence"] - 0.05
     assert report["prdc"]["precision"] > 0.8 and report["prdc"]["recall"] > 0.8
     json.dumps(report)  # plain numbers only
+
+
+def test_reference_fid_is_what_the_training_digits_themselves_score(trained_classifier, mnist):
+    """A "generator" that hands out exactly the 4,000 training digits scores the reference FID: ratio 1."""
+    classifier, _, _ = trained_classifier
+    train = mnist[0]
+    served = []
+
+    def training_digits(n):
+        start = sum(served)
+        served.append(n)
+        return train[start:start + n]
+
+    report = metrics.evaluate_digits(training_digits, n=len(train), classifier=classifier)
+    assert len(train) == 4000 and report["reference_fid"] > 0
+    assert report["fid"] == pytest.approx(report["reference_fid"], rel=1e-6)
+    assert report["fid_over_reference"] == pytest.approx(1.0, rel=1e-6)
+    noise = metrics.evaluate_digits(lambda n: torch.rand(n, 1, 28, 28) * 2 - 1, n=500, classifier=classifier)
+    assert noise["fid_over_reference"] > 10  # noise is far from digits on the same yardstick
 
 
 def test_evaluate_digits_rejects_a_wrong_generator(trained_classifier):

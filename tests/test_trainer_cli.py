@@ -1,6 +1,7 @@
 """The trainer and CLI end to end on tiny runs: train, sample, project, resume, and clean errors."""
 import argparse
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,6 +31,28 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, objective):
     assert main(args + ["--out", split, "--steps", "6", "--resume"]) == 0
     assert read_losses(full) == read_losses(split)
     assert [s for s, _ in read_losses(split)] == list(range(1, 7))
+
+
+def test_cosine_lr_schedule_values_and_exact_resume(tmp_path):
+    def config(out, schedule="cosine"):
+        return TrainConfig(objective="naign", candidates=2, refresh_every=2, latent_dim=8, width=8, batch_size=16,
+                           steps=6, lr=1e-3, lr_schedule=schedule, checkpoint_every=3, sample_every=100,
+                           log_every=1, progress=False, out=str(tmp_path / out))
+
+    full = Trainer(config("full"))
+    assert [round(full.learning_rate(s) / 1e-3, 6) for s in (0, 3, 6)] == [1.0, 0.5, 0.0]
+    full.fit()
+    assert full.optimizer.param_groups[0]["lr"] == pytest.approx(full.learning_rate(5))  # the last update's
+    split = Trainer(config("split"))
+    split.fit(steps=3)  # stopped half way, as a crash would, with the same --steps: the schedule is unchanged
+    Trainer(config("split"), resume=True).fit()
+    assert read_losses(str(tmp_path / "split")) == read_losses(str(tmp_path / "full"))
+    Trainer(config("constant", "constant")).fit()
+    assert read_losses(str(tmp_path / "constant"))[3:] != read_losses(str(tmp_path / "full"))[3:]
+    with pytest.raises(ValueError, match="lr_schedule 'cosine' needs step_mode"):
+        Trainer(dataclasses.replace(config("graph"), step_mode="graph"))
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine"):
+        Trainer(dataclasses.replace(config("bad"), lr_schedule="linear"))
 
 
 @pytest.mark.parametrize("objective", ["ign", "naign"])
@@ -321,6 +344,16 @@ def test_a_batch_larger_than_the_data_set_says_so_plainly(tmp_path, capsys):
     assert main(["train", "--data", "images", "--data-root", str(folder), "--image-size", "28", "--latent-dim",
                  "8", "--width", "8", "--no-progress", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
     one_error_line(capsys, "batch_size 64 is larger than the data set", "has 5 samples", "at most 5")
+
+
+def test_a_data_root_that_is_a_file_or_missing_names_data_root(tmp_path, capsys):
+    a_file = tmp_path / "digits.png"
+    a_file.write_bytes(b"not a folder")
+    for root in (a_file, tmp_path / "missing"):
+        assert main(["train", "--data", "images", "--data-root", str(root), "--no-progress", "--steps", "1",
+                     "--out", str(tmp_path / "run")]) == 2
+        one_error_line(capsys, "data_root (--data-root) must be an existing folder", str(root))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_checkpoint_without_model_config_is_one_line_for_every_command(digit_run, tmp_path, capsys):
