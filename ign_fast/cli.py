@@ -101,6 +101,9 @@ def _add_train(sub):
                    help="steps in a row with a non-finite loss (each skipped) before training stops")
     p.add_argument("--sync-batchnorm", action="store_true",
                    help="under torchrun: BatchNorm statistics over the global batch (needs --norm batch, CUDA)")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional f: the label as one-hot input planes; sample with --labels (needs "
+                        "labelled data: mnist5k, mnist; docs/CONDITIONAL.md)")
 
 
 def cmd_train(args):
@@ -147,6 +150,48 @@ def _load(args):
     return model, prior, meta, device
 
 
+def _num_classes(model):
+    """K for a class-conditional model (ign_fast.conditional.LabelConditioned), else None."""
+    from .conditional import LabelConditioned
+
+    return model.num_classes if isinstance(model, LabelConditioned) else None
+
+
+def parse_labels(text, num_classes, flag="--labels"):
+    """'0,1,2' -> [0, 1, 2] for a K-class run, or a UsageError naming the flag; None when text is None."""
+    if text is None:
+        return None
+    if num_classes is None:
+        raise UsageError(f"{flag} is for class-conditional runs (trained with --conditional); this one is "
+                         "unconditional")
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+        raise UsageError(f"{flag} must be comma-separated class indices in 0..{num_classes - 1}, e.g. 0,1,2; "
+                         f"got {text!r}")
+    labels = [int(p) for p in parts]
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise UsageError(f"{flag} must be class indices in 0..{num_classes - 1} for this {num_classes}-class run, "
+                         f"got {bad[0]}")
+    return labels
+
+
+def _apply(model, y, steps, labels):
+    """f^steps(y) under the inference policy; for a conditional model with the labels' planes held fixed."""
+    from .conditional import apply_conditioned
+    from .inference import apply_f
+
+    if labels is None:
+        return apply_f(model, y, steps)
+    return apply_conditioned(model, y, labels, steps)
+
+
+def _refuse_conditional(model, command, instead):
+    if _num_classes(model) is not None:
+        raise UsageError(f"{command} is not available for a class-conditional run (trained with --conditional); "
+                         f"{instead}")
+
+
 def _check_positive(flag, value, minimum=1):
     if value < minimum:
         expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
@@ -169,24 +214,34 @@ def cmd_sample(args):
 
     from .checkpoint import resolve_checkpoint
     from .images import hstack, image_grid, save_array_png
-    from .inference import apply_f
 
     _check_positive("--n", args.n)
     _check_positive("--steps", args.steps)
     model, prior, meta, device = _load(args)
+    num_classes = _num_classes(model)
+    requested = parse_labels(args.labels, num_classes)
+    labels = None
+    if num_classes is not None:  # the listed classes (default: every class) repeated to --n samples
+        requested = requested or list(range(num_classes))
+        labels = torch.tensor(requested, dtype=torch.int64).repeat(-(-args.n // len(requested)))[:args.n]
     z = prior.sample(args.n, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    fz = apply_f(model, z, 1)
-    ffz = apply_f(model, fz, 1)
-    fnz = apply_f(model, z, args.steps)
+    fz = _apply(model, z, 1, labels)
+    ffz = _apply(model, fz, 1, labels)
+    fnz = _apply(model, z, args.steps, labels)
     # beside the grids the trainer writes (samples/step_*.png), named by the checkpoint that made them
     out = args.out or default_output(args.checkpoint, "samples")
     stem = "sample_" + os.path.basename(os.path.normpath(resolve_checkpoint(args.checkpoint)))
     os.makedirs(out, exist_ok=True)
     tensors = os.path.join(out, stem + ".safetensors")
-    save_file({"z": z.cpu().contiguous(), "f_z": fz.cpu().contiguous(), "ff_z": ffz.cpu().contiguous(),
-               f"f{args.steps}_z": fnz.cpu().contiguous()}, tensors)
+    saved = {"z": z.cpu().contiguous(), "f_z": fz.cpu().contiguous(), "ff_z": ffz.cpu().contiguous(),
+             f"f{args.steps}_z": fnz.cpu().contiguous()}
+    if labels is not None:
+        saved["labels"] = labels.contiguous()
+    save_file(saved, tensors)
     if fz.dim() == 4:
         nrow = max(1, int(args.n ** 0.5))
+        if labels is not None and 1 < len(requested) <= args.n:  # one column per requested label
+            nrow = len(requested)
         grid = hstack([image_grid(t.float().cpu(), nrow=nrow) for t in (fz, ffz, fnz)])
         path = save_array_png(grid, os.path.join(out, stem + ".png"))
         print(f"f(z) | f(f(z)) | f^{args.steps}(z): {path}")
@@ -270,7 +325,6 @@ def _data_background(model, prior, meta, device):
 def cmd_project(args):
     from .data import load_mnist5k
     from .images import image_grid, load_png, save_array_png, save_png, vstack
-    from .inference import apply_f
 
     _check_positive("--n", args.n)
     _check_positive("--steps", args.steps)
@@ -280,6 +334,8 @@ def cmd_project(args):
         raise UsageError(f"--corruption must be noise, mask or sketch; got {args.corruption!r}")
     model, prior, meta, device = _load(args)
     shape = tuple(prior.shape)
+    num_classes = _num_classes(model)
+    given_labels = parse_labels(args.labels, num_classes)
     if args.images is not None:
         if len(shape) != 3:
             raise UsageError(f"--images needs an image model; this one takes vectors of shape {shape}")
@@ -294,7 +350,13 @@ def cmd_project(args):
         background = _data_background(model, prior, meta, device) if args.invert == "auto" else None
         inverted = [_should_invert(image, background, args.invert) for image in images]
         batch = torch.cat([-image if flip else image for image, flip in zip(images, inverted)]).to(device)
-        projected = apply_f(model, batch, args.steps)
+        labels = None
+        if num_classes is not None:  # the class each image is projected onto: one for all, or one per image
+            if given_labels is None or len(given_labels) not in (1, len(images)):
+                raise UsageError(f"--labels must give one class (in 0..{num_classes - 1}) for all --images or one "
+                                 f"per image ({len(images)}) for a class-conditional run")
+            labels = torch.tensor(given_labels * (len(images) if len(given_labels) == 1 else 1))
+        projected = _apply(model, batch, args.steps, labels)
         out = args.out or default_output(args.checkpoint, "project")
         os.makedirs(out, exist_ok=True)
         for p, name, flip, y in zip(args.images, names, inverted, projected):
@@ -304,10 +366,14 @@ def cmd_project(args):
     if shape != (1, 28, 28):
         raise UsageError(f"projecting held-out MNIST-5k needs a 1x28x28 model; this one takes {shape}: "
                          "pass image files with --images instead")
-    clean, _ = load_mnist5k("test")
-    clean = clean[: args.n]
+    if given_labels is not None:
+        raise UsageError("--labels is for --images; held-out digits are projected onto their own classes")
+    clean, clean_labels = load_mnist5k("test")
+    clean, clean_labels = clean[: args.n], clean_labels[: args.n]
     corrupted = corrupt(clean, args.corruption, torch.Generator().manual_seed(args.seed))
-    projected = apply_f(model, corrupted.to(device), args.steps).cpu()
+    # a conditional run projects each held-out digit onto its own class (its label from the data set)
+    projected = _apply(model, corrupted.to(device), args.steps,
+                       clean_labels if num_classes is not None else None).cpu()
     before, after = psnr(corrupted, clean), psnr(projected, clean)
     out = args.out or default_output(args.checkpoint, "project")
     grid = vstack([image_grid(t[:16], nrow=16) for t in (clean, corrupted, projected)])
@@ -320,7 +386,6 @@ def cmd_project(args):
 
 def cmd_eval(args):
     from . import metrics
-    from .inference import apply_f
 
     _check_positive("--n", args.n, 6)  # PRDC compares each sample with its 5 nearest neighbours
     _check_positive("--steps", args.steps)
@@ -329,11 +394,23 @@ def cmd_eval(args):
         raise UsageError("eval measures digit models (1x28x28); this checkpoint's data has shape "
                          f"{tuple(prior.shape)}")
     gen = torch.Generator().manual_seed(args.seed)
+    num_classes = _num_classes(model)
+    requested = None
+    if num_classes is not None:  # every class equally often: 0, 1, ..., K-1, 0, ...; accuracy per class
+        from .conditional import cycling_labels
+
+        if num_classes != metrics.NUM_DIGIT_CLASSES:
+            raise UsageError(f"eval judges digits with the package's {metrics.NUM_DIGIT_CLASSES}-class classifier; "
+                             f"this conditional run has {num_classes} classes")
+        requested = cycling_labels(args.n, num_classes)
+    done = [0]
 
     def generate_fn(n):
-        return apply_f(model, prior.sample(n, generator=gen).to(device), args.steps).cpu()
+        labels = None if requested is None else requested[done[0]:done[0] + n]
+        done[0] += n
+        return _apply(model, prior.sample(n, generator=gen).to(device), args.steps, labels).cpu()
 
-    report = metrics.evaluate_digits(generate_fn, n=args.n)
+    report = metrics.evaluate_digits(generate_fn, n=args.n, requested_labels=requested)
     print(json.dumps(report, indent=2, default=float))
     if args.out:
         with open(args.out, "w") as f:
@@ -346,6 +423,7 @@ def cmd_ood(args):
     from .manifold import ood_report
 
     model, prior, meta, device = _load(args)
+    _refuse_conditional(model, "ood", "its drift score needs a label per image")
     if tuple(prior.shape) != (1, 28, 28):
         raise UsageError("ood compares against held-out MNIST-5k digits; this checkpoint is not a digit model")
     heldout, _ = load_mnist5k("test")
@@ -450,6 +528,9 @@ def cmd_restore(args):
     device = resolve_device(args.device)
     projector = Projector.load(args.checkpoint, device=device, trust_model_code=args.trust_model_code,
                                ema=not args.no_ema)
+    if projector.num_classes is not None:
+        raise UsageError("restore is not available for a class-conditional run (trained with --conditional); use "
+                         "ign-fast project --images FILE --labels CLASS")
     shape = projector.input_shape
     out = args.out or default_output(args.checkpoint, "restore")
     if args.images:
@@ -522,6 +603,9 @@ def build_parser():
     p.add_argument("--n", type=int, default=64, help="number of noise samples z (default %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="n in f^n(z), the last column (default %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder's samples/)")
+    p.add_argument("--labels", default=None, metavar="0,1,...",
+                   help="class-conditional runs: the classes to draw, repeated to --n samples, one column each "
+                        "(default: every class)")
     p = _add_checkpoint_command(sub, "project", "project corrupted held-out digits (or image files) with f^n")
     p.add_argument("--corruption", default="noise", help="noise | mask | sketch (default %(default)s)")
     p.add_argument("--n", type=int, default=500, help="held-out digits to corrupt and project (default %(default)s)")
@@ -534,7 +618,11 @@ def build_parser():
                    help="with --images: auto | yes | no (default auto: invert an image whose background is light "
                         "when the training data's is dark, e.g. a dark-on-white scan for a digit model)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder's project/)")
-    p = _add_checkpoint_command(sub, "eval", "digit FID, mode coverage, PRDC, novelty of generated digits")
+    p.add_argument("--labels", default=None, metavar="0,1,...",
+                   help="class-conditional runs with --images: the class to project onto, one for all images or "
+                        "one per image (held-out digits use their own labels)")
+    p = _add_checkpoint_command(sub, "eval", "digit FID, mode coverage, PRDC, novelty of generated digits (and, "
+                                             "for a class-conditional run, the classifier's accuracy per class)")
     p.add_argument("--n", type=int, default=5000, help="digits to generate (default %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="n in f^n(z) (default %(default)s)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")

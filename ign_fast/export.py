@@ -230,6 +230,107 @@ class ExportedProjector(nn.Module):
         return self.from_noise(self.sample_noise(n, seed), steps)
 
 
+class ExportedConditionalProjector(nn.Module):
+    """A class-conditional f (ign_fast.conditional.LabelConditioned) as a torch-only program that takes images
+    and labels: forward(x, labels, steps=None) is the image part of f^steps applied to cat(x, label planes),
+    the planes held fixed through the steps, as Projector does; generate(labels, seed=None, steps=None) draws
+    one sample per label; from_noise(eps, labels, steps=None). x: [B, C, H, W]; labels: int64 [B] in 0..K-1
+    (checked in TorchScript; torch.export and ONNX programs cannot raise on values, and there a label outside
+    0..K-1 gets all-zero planes)."""
+
+    def __init__(self, model: nn.Module, steps: int = 1, prior=None, input_shape=None):
+        super().__init__()
+        self.f = _body_of(model.base)
+        self.num_classes: int = model.num_classes
+        self.image_channels: int = model.image_channels
+        if input_shape is None:
+            if prior is not None:
+                input_shape = list(prior.shape)
+            else:
+                input_shape = [model.image_channels] + list(expected_input_shape(model.base)[1:])
+        self.input_shape: List[int] = list(input_shape)
+        # what f itself takes: the image and its label planes
+        self.body_input_shape: List[int] = [model.image_channels + model.num_classes] + self.input_shape[1:]
+        if len(self.input_shape) != 3 or self.input_shape[0] != model.image_channels:
+            raise ValueError(f"a class-conditional model exports for images [{model.image_channels}, H, W], got "
+                             f"input_shape {self.input_shape}")
+        if prior is not None and list(prior.shape) != self.input_shape:
+            raise ValueError(f"prior shape {list(prior.shape)} does not match the model's image shape "
+                             f"{self.input_shape}")
+        self.default_steps: int = steps
+        self.has_prior: bool = prior is not None
+        self.prior_kind: str = prior.kind if prior is not None else "none"
+        self.prior = ExportedPrior(prior if prior is not None else GaussianPrior(self.input_shape))
+        self.noise_shape: List[int] = list(self.prior.noise_shape)
+        self.check_label_values: bool = True  # False while torch.export/ONNX trace it (no value-dependent raise)
+
+    def _planes(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or list(x.shape[1:]) != self.input_shape:
+            raise ValueError("x must have shape [batch, " + ", ".join([str(s) for s in self.input_shape])
+                             + "], got " + str(list(x.shape)))
+        if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+            raise ValueError("labels must be one class index per image ([" + str(x.shape[0]) + "]), got shape "
+                             + str(list(labels.shape)))
+        if self.check_label_values and labels.numel() > 0:
+            if bool(labels.min() < 0) or bool(labels.max() >= self.num_classes):
+                raise ValueError("labels must be class indices in 0.." + str(self.num_classes - 1))
+        classes = torch.arange(self.num_classes, device=x.device)
+        onehot = (labels.to(x.device).reshape(-1, 1) == classes.reshape(1, -1)).to(x.dtype)
+        return onehot.reshape(x.shape[0], self.num_classes, 1, 1).expand(x.shape[0], self.num_classes,
+                                                                        x.shape[2], x.shape[3])
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        planes = self._planes(x, labels)
+        count = self.default_steps if steps is None else steps
+        if count < 1:
+            raise ValueError("steps must be >= 1, got " + str(count))
+        for _ in range(count):
+            x = self.f(torch.cat([x, planes], 1))[:, :self.image_channels]
+        return x
+
+    @torch.jit.export
+    def sample_noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
+        """Standard normal eps [n, *noise_shape]; seeded draws use a CPU generator (as ExportedProjector)."""
+        if n < 0:
+            raise ValueError("n must be >= 0, got " + str(n))
+        size = [n] + self.noise_shape
+        device = self.prior.mean_real.device
+        if seed is None:
+            return torch.randn(size, device=device)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        return torch.randn(size, generator=generator).to(device)
+
+    @torch.jit.export
+    def noise_to_input(self, eps: torch.Tensor) -> torch.Tensor:
+        return self.prior(eps)
+
+    @torch.jit.export
+    def from_noise(self, eps: torch.Tensor, labels: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        if not self.has_prior:
+            raise ValueError("this projector was exported without a prior: it cannot generate")
+        return self.forward(self.prior(eps), labels, steps)
+
+    @torch.jit.export
+    def generate(self, labels: torch.Tensor, seed: Optional[int] = None, steps: Optional[int] = None) -> torch.Tensor:
+        """One sample of each requested class: [len(labels), *input_shape]."""
+        if not self.has_prior:
+            raise ValueError("this projector was exported without a prior: it cannot generate")
+        return self.from_noise(self.sample_noise(labels.shape[0], seed), labels, steps)
+
+
+class _FromNoiseConditional(nn.Module):
+    """(eps, labels) -> f^N(prior(eps)) for a class-conditional export."""
+
+    def __init__(self, projector: ExportedConditionalProjector):
+        super().__init__()
+        self.projector = projector
+        self.eval()
+
+    def forward(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.projector.from_noise(eps, labels)
+
+
 class _FromNoise(nn.Module):
     """eps -> f^N(prior(eps)): the generation graph for formats that hold one program per file."""
 
@@ -257,12 +358,16 @@ def _check_steps(steps):
 def _metadata(projector, fmt, steps, model):
     from .model_record import record_for
 
-    return {
+    metadata = {
         "format": FORMAT_TAG, "version": FORMAT_VERSION, "export_format": fmt, "steps": steps,
         "input_shape": projector.input_shape, "noise_shape": projector.noise_shape,
         "prior": projector.prior_kind, "model_config": record_for(model),
         "normalization": "batch-statistics" if uses_batch_statistics(model) else "eval",
     }
+    if isinstance(projector, ExportedConditionalProjector):  # its programs take (x or eps, labels)
+        metadata.update(num_classes=projector.num_classes, inputs=["x", "labels"],
+                        generate_inputs=["eps", "labels"])
+    return metadata
 
 
 def _example_batch(shape, batch=2):
@@ -270,10 +375,25 @@ def _example_batch(shape, batch=2):
     return torch.randn(batch, *shape)
 
 
+def _example_labels(projector, batch=2):
+    return torch.arange(batch, dtype=torch.int64) % projector.num_classes
+
+
 def _export_programs(projector, steps):
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=1 << 20)
+    if isinstance(projector, ExportedConditionalProjector):
+        labels = _example_labels(projector)
+        forward_program = torch.export.export(projector, (_example_batch(projector.input_shape), labels),
+                                              dynamic_shapes={"x": {0: batch}, "labels": {0: batch}}, strict=False)
+        generate_program = None
+        if projector.has_prior:
+            generate_program = torch.export.export(_FromNoiseConditional(projector),
+                                                   (_example_batch(projector.noise_shape), labels),
+                                                   dynamic_shapes={"eps": {0: batch}, "labels": {0: batch}},
+                                                   strict=False)
+        return forward_program, generate_program
     forward_program = torch.export.export(projector, (_example_batch(projector.input_shape),),
                                           dynamic_shapes={"x": {0: batch}}, strict=False)
     generate_program = None
@@ -284,6 +404,7 @@ def _export_programs(projector, steps):
 
 
 def _export_onnx(module, example, input_name, path):
+    """example, input_name: one tensor and its name, or tuples of them (a conditional program's x, labels)."""
     try:
         import onnx  # noqa: F401  (torch.onnx needs onnx and onnxscript to write the file)
         import onnxscript  # noqa: F401
@@ -292,9 +413,12 @@ def _export_onnx(module, example, input_name, path):
                           "pip install onnx onnxscript onnxruntime") from None
     from torch.export import Dim
 
+    examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    names = list(input_name) if isinstance(input_name, (tuple, list)) else [input_name]
+    batch = Dim("batch", min=1)
     with _quiet_onnx_exporter():
-        program = torch.onnx.export(module, (example,), dynamic_shapes={input_name: {0: Dim("batch", min=1)}},
-                                    input_names=[input_name], output_names=["y"], dynamo=True, verbose=False)
+        program = torch.onnx.export(module, examples, dynamic_shapes={name: {0: batch} for name in names},
+                                    input_names=names, output_names=["y"], dynamo=True, verbose=False)
     program.save(path)
 
 
@@ -314,6 +438,8 @@ def _quiet_onnx_exporter():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+            # a conditional program's x and labels share one batch dimension by design; torch.onnx says so
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
             yield
     finally:
         registration.removeFilter(_not_about_torchvision)
@@ -344,16 +470,17 @@ def _scriptable_body(projector):
     Python runs once with an example batch) with a check that the traced program still takes another batch
     size and gives the eager module's values."""
     body = projector.f
+    body_shape = getattr(projector, "body_input_shape", projector.input_shape)  # a conditional f's C+K channels
     try:
         with _quiet_torchscript_deprecation():
             return torch.jit.script(body)
     except Exception as script_error:
-        example = _example_batch(projector.input_shape, 2)
+        example = _example_batch(body_shape, 2)
         try:
             with _quiet_torchscript_deprecation(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 traced = torch.jit.trace(body, (example,), check_trace=False)
-            other = _example_batch(projector.input_shape, 3)
+            other = _example_batch(body_shape, 3)
             with torch.no_grad():
                 same = torch.allclose(traced(other), body(other), rtol=1e-4, atol=1e-5)
         except Exception as trace_error:
@@ -382,16 +509,20 @@ def export_projector(model, path, steps=1, format="torchscript", prior=None, inp
         raise ValueError(f"path must end in {required_suffix} for format {format!r}, got {os.fspath(path)!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .conditional import LabelConditioned
+
+    conditional = isinstance(model, LabelConditioned)
     if prior is None and input_shape is None:
         try:
-            expected_input_shape(model)
+            expected_input_shape(model.base if conditional else model)
         except TypeError:
             raise ValueError("input_shape must be given (the per-sample shape f takes) to export a model that is "
                              "not one of ign_fast's without a prior") from None
     model = copy.deepcopy(model).cpu().float()
     if prior is not None:
         prior = copy.deepcopy(prior).cpu()
-    projector = ExportedProjector(model, steps, prior, input_shape).cpu().eval()
+    exported_class = ExportedConditionalProjector if conditional else ExportedProjector
+    projector = exported_class(model, steps, prior, input_shape).cpu().eval()
     metadata = _metadata(projector, format, steps, model)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -401,6 +532,8 @@ def export_projector(model, path, steps=1, format="torchscript", prior=None, inp
             scripted = torch.jit.script(projector)
             torch.jit.save(scripted, path, _extra_files={METADATA_NAME: json.dumps(metadata)})
         return [path]
+    if conditional:  # torch.export and ONNX trace it: a value-dependent raise cannot be in their graphs
+        projector.check_label_values = False
     if format == "export":
         try:
             forward_program, generate_program = _export_programs(projector, steps)
@@ -413,10 +546,19 @@ def export_projector(model, path, steps=1, format="torchscript", prior=None, inp
                               extra_files={METADATA_NAME: json.dumps(dict(metadata, program="generate"))})
             written.append(generate_path(path))
         return written
-    _export_onnx(projector, _example_batch(projector.input_shape), "x", path)
+    if conditional:
+        labels = _example_labels(projector)
+        _export_onnx(projector, (_example_batch(projector.input_shape), labels), ("x", "labels"), path)
+    else:
+        _export_onnx(projector, _example_batch(projector.input_shape), "x", path)
     _attach_onnx_metadata(path, metadata)
     written = [path]
-    if projector.has_prior:
+    if projector.has_prior and conditional:
+        _export_onnx(_FromNoiseConditional(projector), (_example_batch(projector.noise_shape), labels),
+                     ("eps", "labels"), generate_path(path))
+        _attach_onnx_metadata(generate_path(path), dict(metadata, program="generate"))
+        written.append(generate_path(path))
+    elif projector.has_prior:
         _export_onnx(_FromNoise(projector), _example_batch(projector.noise_shape), "eps", generate_path(path))
         _attach_onnx_metadata(generate_path(path), dict(metadata, program="generate"))
         written.append(generate_path(path))

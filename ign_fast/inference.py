@@ -55,6 +55,13 @@ def _rebuild(state, where, model=None, trust_model_code=False, ema=True):
                               f"{' and '.join(missing)}")
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    record = meta["model_config"]
+    if model is not None and isinstance(record, dict) and isinstance(record.get("conditional"), dict):
+        from .conditional import LabelConditioned
+
+        if not isinstance(model, LabelConditioned):  # the user's base module: wrapped as the run trained it
+            spec = record["conditional"]
+            model = LabelConditioned(model, spec.get("num_classes"), spec.get("image_channels"))
     try:
         if model is None:
             model = rebuild(meta["model_config"], trust_model_code)
@@ -136,16 +143,43 @@ class Projector:
     under the inference normalisation policy of this module (BatchNorm with batch statistics: a sample's output
     then depends on the rest of its batch). Tensors are images (or vectors) in the model's input space; noise
     z is the prior's output (image-shaped), which is what f takes as input.
+
+    A class-conditional run (`num_classes` set; ign_fast.conditional) takes a label per sample: generate(n,
+    labels=...) (labels default to 0, 1, ..., K-1, 0, ... so a grid shows every class), and project,
+    interpolate, arithmetic and distance require labels= (the label is part of f's input: there is no right
+    default for an image). restore is not offered for such a run. Tensors stay image-shaped ([C, H, W]); the
+    label planes are added inside.
     """
 
-    def __init__(self, apply, sample_noise, noise_to_input, input_shape, prior_kind, source):
-        self._apply = apply                    # (y, steps) -> f^steps(y)
+    def __init__(self, apply, sample_noise, noise_to_input, input_shape, prior_kind, source, num_classes=None):
+        self._apply_f = apply                  # (y, steps, labels) -> f^steps(y); labels None when unconditional
         self._sample_noise = sample_noise      # (n, seed) -> standard normal eps
         self._noise_to_input = noise_to_input  # eps -> z
         self.input_shape = tuple(input_shape)
         self.prior_kind = prior_kind           # "gaussian", "fourier" or "none"
         self.source = source                   # "checkpoint" or "torchscript"
         self.taught = ()                       # corruptions f was trained to undo (set from a run's config)
+        self.num_classes = num_classes         # K for a class-conditional run, else None
+
+    def _labels(self, labels, n, required=True):
+        """labels checked against this projector: an int64 [n] tensor for a conditional run (None: an error
+        when required, else 0, 1, ..., K-1, 0, ...), None for an unconditional one (labels given: an error)."""
+        from .conditional import check_labels, cycling_labels
+
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("labels is only for a class-conditional run (trained with --conditional); this "
+                                 "one is unconditional")
+            return None
+        if labels is None:
+            if required:
+                raise ValueError(f"labels must be given for this class-conditional run: one class in "
+                                 f"0..{self.num_classes - 1} per image (an int, a list or a tensor)")
+            return cycling_labels(n, self.num_classes)
+        return check_labels(labels, self.num_classes, n)
+
+    def _apply(self, y, steps, labels=None):
+        return self._apply_f(y, steps, labels)
 
     @classmethod
     def load(cls, path_or_checkpoint, device="cpu", model=None, trust_model_code=False, ema=True):
@@ -173,16 +207,18 @@ class Projector:
                              "torch.export.load or onnxruntime (Projector reads folders and TorchScript files)")
         module, metadata = load_torchscript(path, map_location=device)
 
-        def apply(y, steps):
+        def apply(y, steps, labels=None):
             with torch.no_grad():
-                return module(y.to(device), steps)
+                if labels is None:
+                    return module(y.to(device), steps)
+                return module(y.to(device), labels.to(device), steps)
 
         def noise_to_input(eps):
             with torch.no_grad():
                 return module.noise_to_input(eps.to(device))
 
         projector = cls(apply, module.sample_noise, noise_to_input, metadata["input_shape"], metadata["prior"],
-                        "torchscript")
+                        "torchscript", num_classes=metadata.get("num_classes"))
         projector.module = module  # restore(method="latent") differentiates through it
         return projector
 
@@ -203,10 +239,17 @@ class Projector:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             return prior.sample(n, generator=generator).to(device)
 
-        def apply(y, steps):
+        from .conditional import LabelConditioned, apply_conditioned
+
+        conditional = isinstance(model, LabelConditioned)
+
+        def apply(y, steps, labels=None):
+            if conditional:
+                return apply_conditioned(model, y.to(device), labels, steps)
             return apply_f(model, y.to(device), steps)
 
-        projector = cls(apply, sample_noise, lambda z: z, tuple(prior.shape), prior.kind, "checkpoint")
+        projector = cls(apply, sample_noise, lambda z: z, tuple(prior.shape), prior.kind, "checkpoint",
+                        num_classes=model.num_classes if conditional else None)
         projector.model, projector.prior = model, prior
         # the corruptions f was trained to undo (the restoration term), which restore(method="auto") uses
         config = meta.get("config") or {}
@@ -225,10 +268,12 @@ class Projector:
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         return self._noise_to_input(self._sample_noise(n, seed))
 
-    def generate(self, n, steps=1, seed=None):
-        """f^steps(z) for n prior samples z: [n, *input_shape]."""
+    def generate(self, n, steps=1, seed=None, labels=None):
+        """f^steps(z) for n prior samples z: [n, *input_shape]. labels (class-conditional runs only): the class
+        of each sample, an int, a list or a tensor of n; default 0, 1, ..., K-1, 0, ..."""
         _check_positive("steps", steps)
-        return self._apply(self.noise(n, seed), steps)
+        z = self.noise(n, seed)  # checks n first
+        return self._apply(z, steps, self._labels(labels, n, required=False))
 
     def _images(self, images, name):
         # A grayscale image fed to a colour model is replicated over the channels (sketches, scans).
@@ -237,14 +282,17 @@ class Projector:
             images = images.expand(*images.shape[:-3], 3, *images.shape[-2:])
         return _as_batch(images, self.input_shape, name, images=True)
 
-    def project(self, images, steps=1):
-        """f^steps(images): the nearest data-like images. images: [B, C, H, W] or [C, H, W] in [-1, 1]."""
+    def project(self, images, steps=1, labels=None):
+        """f^steps(images): the nearest data-like images. images: [B, C, H, W] or [C, H, W] in [-1, 1]. labels:
+        required for a class-conditional run (the class each image is projected onto)."""
         _check_positive("steps", steps)
-        return self._apply(self._images(images, "images"), steps)
+        images = self._images(images, "images")
+        return self._apply(images, steps, self._labels(labels, images.shape[0]))
 
-    def interpolate(self, z_a, z_b, n, steps=1):
+    def interpolate(self, z_a, z_b, n, steps=1, labels=None):
         """f^steps of n blends from z_a to z_b (both included): slerp for a gaussian prior, linear otherwise
-        (Fourier noise is not centred on a sphere). z_a, z_b: one noise sample each ([*input_shape])."""
+        (Fourier noise is not centred on a sphere). z_a, z_b: one noise sample each ([*input_shape]). labels:
+        required for a class-conditional run: one class for all blends (an int) or one per blend."""
         _check_positive("n", n)
         _check_positive("steps", steps)
         z_a, z_b = _as_batch(z_a, self.input_shape, "z_a"), _as_batch(z_b, self.input_shape, "z_b")
@@ -257,21 +305,24 @@ class Projector:
         else:
             t = t.view(-1, *([1] * len(self.input_shape))).to(z_a.dtype)
             blends = (1 - t) * z_a + t * z_b
-        return self._apply(blends, steps)
+        return self._apply(blends, steps, self._labels(labels, n))
 
-    def arithmetic(self, z_a, z_b, z_c, steps=1):
-        """f^steps(z_a - z_b + z_c), batches broadcast: "a is to b as c is to ?" in noise space."""
+    def arithmetic(self, z_a, z_b, z_c, steps=1, labels=None):
+        """f^steps(z_a - z_b + z_c), batches broadcast: "a is to b as c is to ?" in noise space. labels:
+        required for a class-conditional run."""
         _check_positive("steps", steps)
         z_a, z_b, z_c = (_as_batch(z, self.input_shape, name) for z, name in ((z_a, "z_a"), (z_b, "z_b"),
                                                                                (z_c, "z_c")))
-        return self._apply(z_a - z_b + z_c, steps)
+        z = z_a - z_b + z_c
+        return self._apply(z, steps, self._labels(labels, z.shape[0]))
 
-    def distance(self, images):
+    def distance(self, images, labels=None):
         """Drift of each sample under one application of f: RMS over its elements of f(y) - y, i.e.
         ||f(y) - y||_2 / sqrt(numel per sample) -> [B]. Near 0 on the learned data manifold (f(y) = y there),
-        larger off it; per-element RMS so the value does not grow with the image size."""
+        larger off it; per-element RMS so the value does not grow with the image size. labels: required for a
+        class-conditional run (the drift from that class's manifold)."""
         y = self._images(images, "images")
-        fy = self._apply(y, 1)
+        fy = self._apply(y, 1, self._labels(labels, y.shape[0]))
         return (fy.float() - y.to(fy.device).float()).square().flatten(1).mean(1).sqrt()
 
     def restore(self, y, operator, method="auto", steps=None, seed=0, **options):
@@ -281,4 +332,7 @@ class Projector:
         says the measurement is exact, the result keeps it: operator.A(x) == y. Returns [B, *input_shape]."""
         from .restore import restore_with_projector
 
+        if self.num_classes is not None:
+            raise ValueError("restore is not available for a class-conditional run; use project(images, "
+                             "labels=...) to project images onto a class")
         return restore_with_projector(self, y, operator, method=method, steps=steps, seed=seed, **options)

@@ -639,13 +639,46 @@ def toy_curve_coverage(samples: torch.Tensor, curve: torch.Tensor, segment: torc
 # ----------------------------------------------------------------------------- everything for digits
 
 
+NUM_DIGIT_CLASSES = 10
+
+
+def class_accuracy(predicted: torch.Tensor, requested: torch.Tensor, num_classes: int = NUM_DIGIT_CLASSES) -> dict:
+    """How often a class-conditional generator's samples are the class they were asked for, judged by a
+    classifier: predicted and requested are [n] class indices (or predicted logits [n, K]). Per class the
+    share of its samples classified as it ("per_class", None for a class never requested), the worst class
+    and its share, and the mean over requested classes. JSON-able dict."""
+    if not isinstance(requested, torch.Tensor) or requested.dim() != 1:
+        got = list(requested.shape) if isinstance(requested, torch.Tensor) else type(requested).__name__
+        raise ValueError(f"requested must be a [n] tensor of class indices, got {got}")
+    if not isinstance(predicted, torch.Tensor):
+        raise ValueError(f"predicted must be a tensor, got {type(predicted).__name__}")
+    if predicted.dim() == 2:
+        predicted = predicted.argmax(dim=1)
+    if predicted.shape != requested.shape:
+        raise ValueError(f"predicted must have one class per requested label ({requested.shape[0]}), got "
+                         f"{list(predicted.shape)}")
+    predicted, requested = predicted.cpu().long(), requested.cpu().long()
+    per_class = []
+    for k in range(num_classes):
+        asked = requested == k
+        per_class.append(float((predicted[asked] == k).double().mean()) if bool(asked.any()) else None)
+    scored = [(a, k) for k, a in enumerate(per_class) if a is not None]
+    if not scored:
+        raise ValueError("requested must hold at least one class index in 0.."
+                         f"{num_classes - 1}")
+    worst_accuracy, worst_class = min(scored)
+    return {"per_class": per_class, "worst_class": worst_class, "worst_accuracy": worst_accuracy,
+            "mean_accuracy": sum(a for a, _ in scored) / len(scored), "n": int(requested.shape[0])}
+
+
 def _mean_confidence(logits: torch.Tensor) -> float:
     return float(logits.softmax(1).max(1).values.double().mean())
 
 
 @torch.no_grad()
 def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
-                    classifier: DigitClassifier | None = None, batch_size: int = 500) -> dict:
+                    classifier: DigitClassifier | None = None, batch_size: int = 500,
+                    requested_labels: torch.Tensor | None = None) -> dict:
     """All digit metrics for a generator: ``generate_fn(m)`` must return [m, 1, 28, 28] in [-1, 1];
     it is called in chunks of at most ``batch_size``.
 
@@ -658,6 +691,10 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
     generator that reproduced the data distribution exactly would score with this classifier and these
     sample sizes (FID's bias falls with the sample count, so with n > 4000 a perfect generator would score
     a little below it); "fid_over_reference" is the ratio.
+
+    requested_labels ([n], a class-conditional generator's): the class each generated digit was asked for, in
+    the order generate_fn returns them; adds "class_accuracy" (class_accuracy: the share of each class's
+    samples the classifier calls that class, and the worst).
     """
     from .data import load_mnist5k
 
@@ -667,6 +704,10 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
     batch_size = check_positive_int("batch_size", batch_size)
     if n < 6:
         raise ValueError(f"n must be >= 6 (PRDC uses 5 neighbours), got {n}")
+    if requested_labels is not None and (not isinstance(requested_labels, torch.Tensor)
+                                         or tuple(requested_labels.shape) != (n,)):
+        raise ValueError(f"requested_labels must be a tensor [n] = [{n}] of class indices, got "
+                         f"{type(requested_labels).__name__}")
     chunks = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
@@ -684,7 +725,7 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
     train_feats, _ = _classifier_outputs(classifier, train, batch_size)
     fid = frechet_distance(fake_feats, real_feats)
     reference_fid = frechet_distance(train_feats, real_feats)
-    return {
+    report = {
         "n": n,
         "fid": fid,
         "reference_fid": reference_fid,
@@ -696,3 +737,6 @@ def evaluate_digits(generate_fn: Callable[[int], torch.Tensor], n: int = 5000,
         "novelty": novelty(samples, train, heldout),
         "classifier_heldout_accuracy": float(classifier.heldout_accuracy),
     }
+    if requested_labels is not None:
+        report["class_accuracy"] = class_accuracy(fake_logits, requested_labels)
+    return report

@@ -74,7 +74,12 @@ def target_of(model):
 def record_for(model, kwargs=None, target=None):
     """The record a checkpoint stores for model: a built-in model's config, else its import path and
     kwargs. target None: the class's own path (None when it is not importable, e.g. defined in __main__:
-    such a run loads with Projector.load(run, model=instance))."""
+    such a run loads with Projector.load(run, model=instance)). A class-conditional model (LabelConditioned)
+    records its base this way, inside a record naming the classes (ign_fast.conditional)."""
+    from .conditional import LabelConditioned, conditional_record
+
+    if isinstance(model, LabelConditioned):
+        return conditional_record(record_for(model.base, kwargs, target), model.num_classes, model.image_channels)
     config = getattr(model, "config", None)
     if target is None and kwargs is None and isinstance(config, dict) and config.get("name") in MODEL_NAMES:
         return dict(config)
@@ -124,6 +129,20 @@ def rebuild(record, trust_model_code=False):
     """The model a record describes (its weights not loaded)."""
     if not isinstance(record, dict):
         raise ModelRecordError(f"model record must be a dict, got {type(record).__name__}")
+    if "conditional" in record:  # LabelConditioned(base): the base's own record inside
+        from .conditional import LabelConditioned
+
+        spec = record["conditional"]
+        if not isinstance(spec, dict) or not isinstance(record.get("base"), dict):
+            raise ModelRecordError("a conditional model record must hold 'conditional' {num_classes, "
+                                   "image_channels} and a 'base' record")
+        try:
+            return LabelConditioned(rebuild(record["base"], trust_model_code), spec.get("num_classes"),
+                                    spec.get("image_channels"))
+        except (TypeError, ValueError) as error:
+            if isinstance(error, ModelRecordError):
+                raise
+            raise ModelRecordError(f"conditional model record: {error}") from None
     if "target" in record and record["target"] is None:
         raise ModelRecordError("this run's model class was defined in __main__ or inside a function and cannot be "
                                "imported: pass the model itself (Projector.load(run, model=instance))")

@@ -63,6 +63,13 @@ def init_dcgan_weights(module: nn.Module) -> nn.Module:
     return module
 
 
+def _out_channels_entry(in_channels: int, out_channels: int) -> dict:
+    """{"out_channels": n} only where it differs from in_channels (a class-conditional model takes the label
+    planes as extra input channels and returns the image's: ign_fast.conditional), so the records of every
+    other model, and the checkpoints that hold them, stay as they were."""
+    return {} if out_channels == in_channels else {"out_channels": out_channels}
+
+
 class _AutoEncoder(nn.Module):
     """Shared forward/shape check for the image autoencoders."""
 
@@ -95,13 +102,16 @@ class _AutoEncoder(nn.Module):
 class DCGAN28(_AutoEncoder):
     """DCGAN autoencoder for 28x28 images (IGN's MNIST model): 28 -> 14 -> 7 -> 1x1 latent and back."""
 
-    def __init__(self, in_channels: int = 1, latent_dim: int = 64, width: int = 64, norm: str = "batch"):
+    def __init__(self, in_channels: int = 1, latent_dim: int = 64, width: int = 64, norm: str = "batch",
+                 out_channels: int | None = None):
         super().__init__()
         c = _check_positive_int("in_channels", in_channels)
+        out_c = c if out_channels is None else _check_positive_int("out_channels", out_channels)
         z = _check_positive_int("latent_dim", latent_dim)
         w = _check_positive_int("width", width)
         norm = _check_norm(norm)
-        self.config = {"name": "dcgan28", "in_channels": c, "latent_dim": z, "width": w, "norm": norm}
+        self.config = {"name": "dcgan28", "in_channels": c, "latent_dim": z, "width": w, "norm": norm,
+                       **_out_channels_entry(c, out_c)}
         # No norm on the first encoder layer, as in DCGAN discriminators.
         self.encoder = nn.Sequential(
             nn.Conv2d(c, w, 4, 2, 1),  # 14x14
@@ -118,7 +128,7 @@ class DCGAN28(_AutoEncoder):
             nn.ConvTranspose2d(2 * w, w, 4, 2, 1),  # 14x14
             make_norm(norm, w),
             nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(w, c, 4, 2, 1),  # 28x28
+            nn.ConvTranspose2d(w, out_c, 4, 2, 1),  # 28x28
             nn.Tanh(),
         )
         init_dcgan_weights(self)
@@ -127,13 +137,16 @@ class DCGAN28(_AutoEncoder):
 class DCGAN64(_AutoEncoder):
     """DCGAN autoencoder for 64x64 images: 64 -> 32 -> 16 -> 8 -> 4 -> 1x1 latent and back."""
 
-    def __init__(self, in_channels: int = 3, latent_dim: int = 128, width: int = 64, norm: str = "batch"):
+    def __init__(self, in_channels: int = 3, latent_dim: int = 128, width: int = 64, norm: str = "batch",
+                 out_channels: int | None = None):
         super().__init__()
         c = _check_positive_int("in_channels", in_channels)
+        out_c = c if out_channels is None else _check_positive_int("out_channels", out_channels)
         z = _check_positive_int("latent_dim", latent_dim)
         w = _check_positive_int("width", width)
         norm = _check_norm(norm)
-        self.config = {"name": "dcgan64", "in_channels": c, "latent_dim": z, "width": w, "norm": norm}
+        self.config = {"name": "dcgan64", "in_channels": c, "latent_dim": z, "width": w, "norm": norm,
+                       **_out_channels_entry(c, out_c)}
         self.encoder = nn.Sequential(
             nn.Conv2d(c, w, 4, 2, 1),  # 32x32
             nn.LeakyReLU(0.2, inplace=True),
@@ -161,7 +174,7 @@ class DCGAN64(_AutoEncoder):
             nn.ConvTranspose2d(2 * w, w, 4, 2, 1),  # 32x32
             make_norm(norm, w),
             nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(w, c, 4, 2, 1),  # 64x64
+            nn.ConvTranspose2d(w, out_c, 4, 2, 1),  # 64x64
             nn.Tanh(),
         )
         init_dcgan_weights(self)
@@ -224,9 +237,10 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, image_size: int = 64, width: int = 64, depth: int = 4,
-                 blocks: int = 1):
+                 blocks: int = 1, out_channels: int | None = None):
         super().__init__()
         in_channels = _check_positive_int("in_channels", in_channels)
+        out_c = in_channels if out_channels is None else _check_positive_int("out_channels", out_channels)
         image_size = _check_positive_int("image_size", image_size)
         width = _check_positive_int("width", width)
         depth = _check_positive_int("depth", depth)
@@ -235,7 +249,7 @@ class UNet(nn.Module):
             raise ValueError(f"image_size must be divisible by 2^(depth-1) = {2 ** (depth - 1)} for depth {depth}, "
                              f"got {image_size}")
         self.config = {"name": "unet", "in_channels": in_channels, "image_size": image_size, "width": width,
-                       "depth": depth, "blocks": blocks}
+                       "depth": depth, "blocks": blocks, **_out_channels_entry(in_channels, out_c)}
         channels = [width * 2 ** min(level, 3) for level in range(depth)]
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
         self.down = nn.ModuleList()
@@ -258,7 +272,7 @@ class UNet(nn.Module):
                                                    nn.Conv2d(ch, channels[level - 1], 3, padding=1)))
                 previous = channels[level - 1]
         self.head = nn.Sequential(nn.GroupNorm(group_norm_groups(previous), previous), nn.SiLU(),
-                                  nn.Conv2d(previous, in_channels, 3, padding=1), nn.Tanh())
+                                  nn.Conv2d(previous, out_c, 3, padding=1), nn.Tanh())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, s = self.config["in_channels"], self.config["image_size"]

@@ -114,16 +114,20 @@ class StreamingLoader(ShardedEpochs):
     `num_workers` processes. The interface of data.InMemoryLoader (the same ShardedEpochs schedule):
     next_batch(), state_dict(), load_state_dict(), batches_per_epoch. Batches are the dataset's dtype (uint8
     for ImageFolderDataset: see to_model_range); float batches are checked for NaN/inf here, on the CPU,
-    instead of in the step."""
+    instead of in the step. with_labels: batches are (images, int64 labels), for a class-conditional run; the
+    dataset's items must then be (image, label) pairs."""
 
     def __init__(self, dataset, batch_size, seed=0, drop_last=True, rank=0, world_size=1, num_workers=2,
-                 prefetch_factor=4):
+                 prefetch_factor=4, with_labels=False):
         if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
             raise TypeError(f"dataset must be a map-style torch.utils.data.Dataset (with __len__), got "
                             f"{type(dataset).__name__}")
         self.dataset = dataset
         self.num_workers = _check_int("num_workers", num_workers, 0)
         self.prefetch_factor = _check_int("prefetch_factor", prefetch_factor, 1)
+        if not isinstance(with_labels, bool):
+            raise TypeError(f"with_labels must be a bool, got {type(with_labels).__name__}")
+        self.with_labels = with_labels
         self._init_schedule(len(dataset), batch_size, seed, drop_last, rank, world_size)
         self._iterator = None
 
@@ -141,10 +145,16 @@ class StreamingLoader(ShardedEpochs):
             self._iterator = None
         if self._iterator is None:
             self._start()
-        images = _images_of(next(self._iterator))
+        batch = next(self._iterator)
+        images = _images_of(batch)
         self.position += 1
         if images.is_floating_point() and not bool(torch.isfinite(images).all()):
             raise ValueError(f"dataset batch {self.position} of epoch {self.epoch} holds NaN or inf")
+        if self.with_labels:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[1], torch.Tensor):
+                raise ValueError("dataset items must be (image, label) pairs for a class-conditional run, got "
+                                 "images alone")
+            return images, batch[1].to(torch.int64)
         return images
 
     def __iter__(self):

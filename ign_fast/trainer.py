@@ -42,6 +42,7 @@ from .noise import build_prior
 from .objectives import IGNLoss
 from .step import IGNStep, frozen_state
 from .streaming import ImageFolderDataset, StreamingLoader, to_model_range
+from .conditional import LabelConditioned, balanced_labels, condition, conditional_record
 
 
 @dataclasses.dataclass
@@ -90,6 +91,8 @@ class TrainConfig:
     ema_decay: float | None = 0.999   # EMA of the weights, used for sampling, projection, export (docs/NAIGN.md);
                                       # None: off
     num_workers: int = 2              # processes decoding streamed images (data "images" or a Dataset)
+    conditional: bool = False         # class-conditional f: the label as one-hot input planes
+                                      # (ign_fast/conditional.py, docs/CONDITIONAL.md); needs labelled data
 
     def resolved(self):
         """A copy with every None default replaced by the objective's own default."""
@@ -132,6 +135,8 @@ def validate_config(c):
         raise ValueError(f"num_workers must be an integer >= 0, got {c.num_workers!r}")
     if not isinstance(c.trust_model_code, bool):
         raise ValueError(f"trust_model_code must be True or False, got {c.trust_model_code!r}")
+    if not isinstance(c.conditional, bool):
+        raise ValueError(f"conditional must be True or False, got {c.conditional!r}")
     choices = {"objective": ("ign", "naign"), "data": DATASET_NAMES,
                "norm": ("batch", "group", "none"), "distance": ("l1", "l2"), "prior": PRIOR_KINDS,
                "step_mode": ("auto", "reference", "fused", "graph"), "amp": ("auto", "bf16", "none"),
@@ -195,10 +200,13 @@ def unet_depth_for(size):
     return depth
 
 
-def build_model_for(config, sample_shape):
+def build_model_for(config, sample_shape, out_channels=None):
     """(model, record): the model named in config, sized for data of per-sample shape sample_shape, and how
-    a checkpoint rebuilds it."""
+    a checkpoint rebuilds it. out_channels: a built-in image model's output channels where they differ from
+    its input's (a class-conditional run's base model takes the label planes too)."""
     kwargs = dict(config.model_kwargs or {})
+    if out_channels is not None and config.model in ("dcgan28", "dcgan64", "unet"):
+        kwargs.setdefault("out_channels", out_channels)
     if config.model not in MODEL_NAMES:  # MODULE:ATTR: the user's own model, built by its kwargs alone
         model = build_named_model(config.model, kwargs, config.trust_model_code)
         return model, record_for(model, kwargs=kwargs, target=config.model)
@@ -252,7 +260,11 @@ def data_sample(source, limit, seed):
     return to_model_range(torch.stack(images)).float()
 
 
-def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
+def build_step(config, model, optimizer, sample_noise, device, amp_dtype, loss_scale=1.0, image_channels=None):
+    """loss_scale multiplies every λ: a class-conditional run's per-sample distances are means over C+K
+    channels of which the K label planes add exactly 0, so its terms are C/(C+K) of the image's; λ·(C+K)/C
+    gives it the loss and the gradients an unconditional run with the same λ has. image_channels: where set
+    (a conditional run), the restoration term corrupts only these leading channels, never the label planes."""
     # check_inputs=False: the trainer checks its data for NaN/inf once when it loads it, and its noise comes
     # from the prior; a per-step check would cost a host sync every step
     mode = config.step_mode
@@ -263,13 +275,19 @@ def build_step(config, model, optimizer, sample_noise, device, amp_dtype):
         from .corruptions import TrainingCorruptions, parse_kinds
 
         corrupt = TrainingCorruptions(parse_kinds(config.restore_corruptions), mask_fill=config.restore_mask_fill)
+        if image_channels is not None:  # a conditional run: the label planes are not corrupted
+            from .conditional import ImageChannelsOnly
+
+            corrupt = ImageChannelsOnly(corrupt, image_channels)
     if config.objective == "ign":
-        loss = IGNLoss(config.distance, config.lambda_rec, config.lambda_idem, config.lambda_tight,
-                       config.tight_clamp_ratio, config.lambda_restore, config.restore_distance)
+        loss = IGNLoss(config.distance, config.lambda_rec * loss_scale, config.lambda_idem * loss_scale,
+                       config.lambda_tight * loss_scale, config.tight_clamp_ratio, config.lambda_restore * loss_scale,
+                       config.restore_distance)
         return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype, check_inputs=False,
                        corrupt=corrupt)
-    loss = NAIGNLoss(config.distance, config.lambda_rec, config.lambda_imle, config.lambda_idem,
-                     config.candidates, config.refresh_every, config.lambda_restore, config.restore_distance)
+    loss = NAIGNLoss(config.distance, config.lambda_rec * loss_scale, config.lambda_imle * loss_scale,
+                     config.lambda_idem * loss_scale, config.candidates, config.refresh_every,
+                     config.lambda_restore * loss_scale, config.restore_distance)
     # NAIGN has no four-call reference step to choose: "reference" runs its one eager implementation
     return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype,
                      check_inputs=False, mode="graph" if mode == "graph" else "fused", corrupt=corrupt)
@@ -300,6 +318,52 @@ def progress_line(step, total, terms, rate):
     losses = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
     eta = format_seconds((total - step) / rate) if rate > 0 else "?"
     return f"step {step}/{total}  {losses}  {rate:.1f} steps/s  ETA {eta}"
+
+
+def conditional_labels(source, labels, name):
+    """(labels as int64 [N] or None for a Dataset, num_classes) for a class-conditional run, or a one-line
+    error: --conditional needs images with labels (a tensor's labels, or a Dataset of (image, label) pairs
+    that says how many classes it has by `classes` or `num_classes`)."""
+    hint = ("train without --conditional, or on labelled data (mnist5k, mnist; in Python data=(images, labels) "
+            "or a Dataset of (image, label) pairs)")
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 4:
+            raise ValueError(f"--conditional (conditional=True) needs images [N, C, H, W]; {name} has samples of "
+                             f"shape {tuple(source.shape[1:])}: {hint}")
+        if labels is None:
+            raise ValueError(f"--conditional (conditional=True) needs labelled data; {name} has no labels: {hint}")
+        if (not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != source.shape[0]
+                or labels.dtype.is_floating_point or labels.dtype == torch.bool):
+            got = f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"--conditional (conditional=True) needs one integer label per image ({source.shape[0]}),"
+                             f" got labels {got}")
+        labels = labels.to(torch.int64)
+        if int(labels.min()) < 0:
+            raise ValueError(f"--conditional (conditional=True) needs labels >= 0, got {int(labels.min())}")
+        num_classes = int(labels.max()) + 1
+    else:
+        if isinstance(source, ImageFolderDataset):
+            raise ValueError(f"--conditional (conditional=True) needs labelled data; {name} (image files) has no "
+                             f"labels: {hint}")
+        classes = getattr(source, "classes", None)
+        num_classes = len(classes) if classes is not None else getattr(source, "num_classes", None)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise ValueError("--conditional (conditional=True) with a Dataset needs it to yield (image, label) "
+                             "pairs and to name its classes by a `classes` list or a `num_classes` int")
+    if num_classes < 2:
+        raise ValueError(f"--conditional (conditional=True) needs at least 2 classes, {name} has {num_classes}")
+    return labels, num_classes
+
+
+def conditioned_model(model, record, num_classes, image_channels):
+    """(LabelConditioned model, its record): model wrapped unless it already is (with the data's classes)."""
+    if isinstance(model, LabelConditioned):
+        if (model.num_classes, model.image_channels) != (num_classes, image_channels):
+            raise ValueError(f"model is LabelConditioned for {model.num_classes} classes of {model.image_channels}-"
+                             f"channel images, the data has {num_classes} classes of {image_channels}-channel images")
+        return model, record
+    return LabelConditioned(model, num_classes, image_channels), conditional_record(record, num_classes,
+                                                                                    image_channels)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -414,7 +478,11 @@ class Trainer:
                              "train on GPUs or without --sync-batchnorm")
         self.device = resolve_device(device_name)
         torch.manual_seed(c.seed)
-        source = self._data_source(data)
+        source, labels = self._data_source(data)
+        self.num_classes = self.labels = None
+        if c.conditional:  # before anything is sized: data without labels is a one-line error here
+            self.labels, self.num_classes = conditional_labels(source, labels, repr(c.data) if data is None
+                                                               else "the data given")
         self.data = source if isinstance(source, torch.Tensor) else None  # in memory, or None when streamed
         fit_limit = PRIOR_FIT_SAMPLES if self.data is not None else STREAMED_PRIOR_FIT_SAMPLES
         sample = data_sample(source, fit_limit if c.prior == "fourier" else 256, c.seed)
@@ -427,26 +495,39 @@ class Trainer:
                              f"{ranks}; pass a batch_size of at most {shard * world}")
         if self.data is not None:
             check_data(c.data if data is None else "data", self.data)
-            self.loader = InMemoryLoader(self.data, c.batch_size // world, seed=c.seed, rank=self.dist.rank,
+            served = self.data if self.labels is None else (self.data, self.labels)
+            self.loader = InMemoryLoader(served, c.batch_size // world, seed=c.seed, rank=self.dist.rank,
                                          world_size=world)
         else:
             self.loader = StreamingLoader(source, c.batch_size // world, seed=c.seed, rank=self.dist.rank,
-                                          world_size=world, num_workers=c.num_workers)
+                                          world_size=world, num_workers=c.num_workers,
+                                          with_labels=self.num_classes is not None)
         self.sample_shape = tuple(sample.shape[1:])
         # recorded in checkpoints so `ign-fast project --images` can tell a scan's paper from the data's
         # background (dark strokes on white against white-on-black digits) and invert it
         self.data_border_mean = float(border_mean(sample[:1000]).mean()) if sample.dim() == 4 else None
+        model_shape = self.sample_shape
+        if self.num_classes is not None:  # f takes the image and its label planes: C+K channels
+            model_shape = (self.sample_shape[0] + self.num_classes, *self.sample_shape[1:])
         if model is None:
-            self.model, self.model_record = build_model_for(c, self.sample_shape)
+            self.model, self.model_record = build_model_for(
+                c, model_shape, out_channels=self.sample_shape[0] if self.num_classes is not None else None)
         elif isinstance(model, torch.nn.Module):
             self.model, self.model_record = model, record_for(model, kwargs=model_kwargs)
         else:
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if self.num_classes is not None:
+            self.model, self.model_record = conditioned_model(self.model, self.model_record, self.num_classes,
+                                                              self.sample_shape[0])
         if c.sync_batchnorm and self.dist.enabled:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model = self.model.to(self.device)
         self.model_dtype = next(iter(self.model.parameters()), torch.empty(0)).dtype
-        check_model_fits(self.model, sample[:2].to(self.device, self.model_dtype))
+        fit_sample = sample[:2].to(self.device, self.model_dtype)
+        if self.num_classes is not None:
+            fit_sample = condition(fit_sample, torch.zeros(fit_sample.shape[0], dtype=torch.int64),
+                                   self.num_classes)
+        check_model_fits(self.model, fit_sample)
         self.dist.broadcast_module(self.model)  # identical replicas, whatever each rank's RNG did
         self.prior = build_prior(c.prior, data=sample, shape=self.sample_shape)
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay is not None else None
@@ -455,8 +536,13 @@ class Trainer:
         # its slice of the global draw, so the run is the same at any world size
         self.noise_generator = torch.Generator().manual_seed(c.seed + 1)
         self.amp = c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda")
+        # a conditional run's terms are means over C+K channels, K of them label planes that add 0: scaled
+        # back so its λ, loss and logged terms mean what an unconditional run's do (build_step)
+        image_channels = self.sample_shape[0] if self.num_classes is not None else None
+        self.term_scale = 1.0 if image_channels is None else (image_channels + self.num_classes) / image_channels
         self.step_fn = build_step(c, self.model, self.optimizer, self.sample_noise, self.device,
-                                  torch.bfloat16 if self.amp else None)
+                                  torch.bfloat16 if self.amp else None, loss_scale=self.term_scale,
+                                  image_channels=image_channels)
         if self.dist.enabled:
             self.step_fn.grad_sync = distributed.GradientAverager(self.model.parameters(), world)
             if isinstance(self.step_fn, NAIGNStep):
@@ -478,23 +564,30 @@ class Trainer:
                 json.dump(dataclasses.asdict(c), f, indent=2)
 
     def _data_source(self, data):
-        """The tensor or Dataset the run trains on: data as given, or the config's data set."""
+        """(source, labels): the tensor or Dataset the run trains on (data as given, or the config's data set)
+        and a tensor source's labels, or None where it has none (a Dataset's labels come with its items)."""
         c = self.config
         if data is not None:
+            if (isinstance(data, (tuple, list)) and len(data) == 2
+                    and all(isinstance(t, torch.Tensor) for t in data)):
+                return data[0], data[1]
             if isinstance(data, torch.Tensor) or isinstance(data, torch.utils.data.Dataset):
-                return data
-            raise TypeError(f"data must be a tensor [N, ...] or a map-style torch.utils.data.Dataset, got "
-                            f"{type(data).__name__}")
+                return data, None
+            raise TypeError(f"data must be a tensor [N, ...], an (images, labels) pair of tensors or a map-style "
+                            f"torch.utils.data.Dataset, got {type(data).__name__}")
         if c.data == "images":  # streamed from disk: memory does not grow with the number of files
             dataset = ImageFolderDataset(c.data_root, size=c.image_size or 64, channels=3)
             if dataset.skipped and self.dist.is_main:
                 print(f"ign-fast: {dataset.skipped_summary()}", file=sys.stderr)
-            return dataset
-        return load_dataset(c.data, root=c.data_root, split="train", size=c.image_size, seed=c.seed)[0]
+            return dataset, None
+        return load_dataset(c.data, root=c.data_root, split="train", size=c.image_size, seed=c.seed)
 
     def sample_noise(self, n):
         # drawn on the CPU from the trainer's own generator, so a resumed run draws the same numbers
-        return self.prior.sample(n, generator=self.noise_generator).to(self.device)
+        z = self.prior.sample(n, generator=self.noise_generator)
+        if self.num_classes is not None:  # z̃ = cat(z, planes): every class equally often (NAIGN's pool too)
+            z = condition(z, balanced_labels(n, self.num_classes, self.noise_generator), self.num_classes)
+        return z.to(self.device)
 
     def _meta(self):
         # the loader position counts global batches (every rank takes one shard of each), so it holds at
@@ -503,7 +596,8 @@ class Trainer:
                 "sample_shape": list(self.sample_shape), "ema_updates": self.ema.updates if self.ema else None,
                 "prior_config": self.prior.to_config(), "loader": self.loader.state_dict(),
                 "naign_calls": getattr(self.step_fn, "calls", 0), "world_size": self.dist.world_size,
-                "global_batch_size": self.config.batch_size, "data_border_mean": self.data_border_mean}
+                "global_batch_size": self.config.batch_size, "data_border_mean": self.data_border_mean,
+                "conditional": self.num_classes is not None, "num_classes": self.num_classes}
 
     def _rng_states(self):
         """The shared noise stream, and NAIGN's global pool and candidates: the same on every rank, so rank 0's."""
@@ -609,29 +703,43 @@ class Trainer:
         if self.config.lr_schedule != "constant":
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
-        x = self.loader.next_batch().to(self.device, non_blocking=True)
+        batch = self.loader.next_batch()
+        x = batch[0] if self.num_classes is not None else batch
+        x = x.to(self.device, non_blocking=True)
         x = to_model_range(x).to(self.model_dtype)  # uint8 pixels travel as bytes, then become [-1, 1] floats
+        if self.num_classes is not None:  # x̃ = cat(x, label planes), built on the device
+            x = condition(x, batch[1].to(self.device, non_blocking=True), self.num_classes)
         if isinstance(self.step_fn, IGNStep):  # the global batch's noise, this rank's contiguous slice of it
             n, rank = x.shape[0], self.dist.rank
             out = self.step_fn(x, self.sample_noise(n * self.dist.world_size)[rank * n:(rank + 1) * n])
         else:
             out = self.step_fn(x)
+        if self.term_scale != 1.0:  # the image's own distances (the total is already in those units)
+            out = {k: v if k == "loss" else v * self.term_scale for k, v in out.items()}
         if self.ema is not None and not self.step_fn.last_skipped:
             self.ema.update(self.model)
         self.step += 1
         return out
 
     def write_samples(self, path, n=64):
-        """A grid of f(z) for a fixed z, with the EMA weights when the run keeps them (what sampling uses)."""
+        """A grid of f(z) for a fixed z, with the EMA weights when the run keeps them (what sampling uses). A
+        conditional run's grid has one row per class, 10 samples each."""
+        per_row = int(math.sqrt(n))
+        if self.num_classes is not None:
+            per_row, n = 10, 10 * self.num_classes
         with torch.no_grad():
             z = self.prior.sample(n, generator=torch.Generator().manual_seed(1234)).to(self.device)
+            if self.num_classes is not None:
+                z = condition(z, torch.arange(n) // per_row, self.num_classes)
             if self.ema is not None:
                 with self.ema.applied(self.model):
                     fz = generate(self.model, z)
             else:
                 fz = generate(self.model, z)
+        if self.num_classes is not None:
+            fz = fz[:, :self.sample_shape[0]]
         if fz.dim() == 4:
-            save_image_grid(fz.float().cpu(), path, nrow=int(math.sqrt(n)))
+            save_image_grid(fz.float().cpu(), path, nrow=per_row)
         return path
 
     def fit(self, steps=None):
