@@ -235,8 +235,8 @@ class ExportedConditionalProjector(nn.Module):
     and labels: forward(x, labels, steps=None) is the image part of f^steps applied to cat(x, label planes),
     the planes held fixed through the steps, as Projector does; generate(labels, seed=None, steps=None) draws
     one sample per label; from_noise(eps, labels, steps=None). x: [B, C, H, W]; labels: int64 [B] in 0..K-1
-    (checked in TorchScript; torch.export and ONNX programs cannot raise on values, and there a label outside
-    0..K-1 gets all-zero planes)."""
+    (checked in TorchScript; torch.export and ONNX programs cannot raise on values, so there the output of an
+    image whose label is outside 0..K-1 is all NaN: loud, never a plausible image of no class)."""
 
     def __init__(self, model: nn.Module, steps: int = 1, prior=None, input_shape=None):
         super().__init__()
@@ -286,7 +286,10 @@ class ExportedConditionalProjector(nn.Module):
             raise ValueError("steps must be >= 1, got " + str(count))
         for _ in range(count):
             x = self.f(torch.cat([x, planes], 1))[:, :self.image_channels]
-        return x
+        # a label outside 0..K-1 matched no class (all-zero planes): NaN marks its output, after f, so a
+        # BatchNorm model's batch statistics and the other images stay as they are
+        unknown = planes[:, :, 0, 0].sum(1) == 0
+        return torch.where(unknown.reshape(-1, 1, 1, 1), torch.full_like(x, float("nan")), x)
 
     @torch.jit.export
     def sample_noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:

@@ -274,6 +274,7 @@ TORCH_ONLY_LOADER = textwrap.dedent("""
     out = {"ts": scripted(inputs["x"], inputs["labels"]), "ts_generate": scripted.generate(inputs["labels"], 11),
            "pt2": torch.export.load("f.pt2").module()(inputs["x"], inputs["labels"]),
            "pt2_generate": torch.export.load("f.generate.pt2").module()(inputs["eps"], inputs["labels"])}
+    out["pt2_bad"] = torch.export.load("f.pt2").module()(inputs["x"], inputs["labels"] + 5)
     try:
         scripted(inputs["x"], inputs["labels"] + 10)
     except Exception as error:
@@ -353,6 +354,10 @@ def test_cli_export_takes_labels_and_runs_with_torch_alone(cli_run):
     torch.testing.assert_close(out["ts_generate"], generated, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["pt2_generate"], generated, atol=1e-5, rtol=0)
     assert "0..9" in out["bad_labels"]
+    # labels 5, 9, 14: torch.export cannot raise on a value, so the unknown class's image comes back all NaN
+    bad = out["pt2_bad"]
+    assert bad[2].isnan().all() and not bad[:2].isnan().any()
+    torch.testing.assert_close(bad[:2], projector.project(x[:2], steps=2, labels=labels[:2] + 5), atol=1e-5, rtol=0)
     # the TorchScript file loads back into a Projector that takes labels like the checkpoint's
     scripted = Projector.load(str(export_dir / "f.pt"))
     assert scripted.num_classes == K
@@ -379,6 +384,10 @@ def test_onnx_export_takes_labels(tmp_path):
         torch.testing.assert_close(got, apply_conditioned(model, x, labels, 2), atol=1e-5, rtol=0)
         got = torch.from_numpy(generate.run(None, {"eps": x.numpy(), "labels": labels.numpy()})[0])
         torch.testing.assert_close(got, apply_conditioned(model, x, labels, 2), atol=1e-5, rtol=0)
+    # a label outside 0..K-1 (ONNX cannot raise on a value): that image's output is all NaN, the rest unchanged
+    x, labels = torch.randn(3, C, 28, 28), torch.tensor([1, K + 2, 3])
+    got = torch.from_numpy(forward.run(None, {"x": x.numpy(), "labels": labels.numpy()})[0])
+    assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
 
 
 # ----------------------------------------------------------------------------- it learns the classes
