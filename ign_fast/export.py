@@ -162,6 +162,19 @@ class ExportedPrior(nn.Module):
         return torch.matmul(row_real, self.cos_w) - torch.matmul(row_imag, self.sin_w)
 
 
+def _standard_normal(n: int, seed: Optional[int], noise_shape: List[int], device: torch.device) -> torch.Tensor:
+    """eps [n, *noise_shape] on device; a seeded draw uses a CPU generator, so a seed gives the same numbers on
+    every device (TorchScript compiles this with the exported modules that call it)."""
+    if n < 0:
+        raise ValueError("n must be >= 0, got " + str(n))
+    size = [n] + noise_shape
+    if seed is None:
+        return torch.randn(size, device=device)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.randn(size, generator=generator).to(device)
+
+
 class ExportedProjector(nn.Module):
     """forward(x, steps=None) = f^steps(x) (default: the N given at export). generate(n, seed=None, steps=None)
     draws eps ~ N(0, I) (from torch.Generator().manual_seed(seed) when a seed is given, so Python, TorchScript
@@ -202,15 +215,7 @@ class ExportedProjector(nn.Module):
     @torch.jit.export
     def sample_noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
         """Standard normal eps [n, *noise_shape] on the module's device; seeded draws use a CPU generator."""
-        if n < 0:
-            raise ValueError("n must be >= 0, got " + str(n))
-        size = [n] + self.noise_shape
-        device = self.prior.mean_real.device
-        if seed is None:
-            return torch.randn(size, device=device)
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        return torch.randn(size, generator=generator).to(device)
+        return _standard_normal(n, seed, self.noise_shape, self.prior.mean_real.device)
 
     @torch.jit.export
     def noise_to_input(self, eps: torch.Tensor) -> torch.Tensor:
@@ -294,15 +299,7 @@ class ExportedConditionalProjector(nn.Module):
     @torch.jit.export
     def sample_noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
         """Standard normal eps [n, *noise_shape]; seeded draws use a CPU generator (as ExportedProjector)."""
-        if n < 0:
-            raise ValueError("n must be >= 0, got " + str(n))
-        size = [n] + self.noise_shape
-        device = self.prior.mean_real.device
-        if seed is None:
-            return torch.randn(size, device=device)
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        return torch.randn(size, generator=generator).to(device)
+        return _standard_normal(n, seed, self.noise_shape, self.prior.mean_real.device)
 
     @torch.jit.export
     def noise_to_input(self, eps: torch.Tensor) -> torch.Tensor:
