@@ -229,13 +229,18 @@ def build_model_for(config, sample_shape, out_channels=None):
     return model, record_for(model)
 
 
-def check_model_fits(model, sample):
+def check_model_fits(model, sample, what="data samples"):
     """The model must map a batch of the data to the same shape: one forward on two samples, with the
-    buffers cloned (BatchNorm's running statistics untouched), so a mismatch is one line before training."""
+    buffers cloned (BatchNorm's running statistics untouched), so a mismatch is one line before training,
+    also when the model's own forward fails on that shape (a user's module expecting other channels)."""
     from torch.func import functional_call
 
-    with torch.no_grad():
-        out = functional_call(model, frozen_state(model), (sample,))
+    try:
+        with torch.no_grad():
+            out = functional_call(model, frozen_state(model), (sample,))
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"model cannot run on {what} of shape {tuple(sample.shape[1:])}: {first}") from None
     if not isinstance(out, torch.Tensor) or out.shape != sample.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model must return its input's shape: for data samples of shape {tuple(sample.shape[1:])} "
@@ -527,7 +532,11 @@ class Trainer:
         if self.num_classes is not None:
             fit_sample = condition(fit_sample, torch.zeros(fit_sample.shape[0], dtype=torch.int64),
                                    self.num_classes)
-        check_model_fits(self.model, fit_sample)
+        what = "data samples"
+        if self.num_classes is not None:
+            what = (f"--conditional inputs ({self.sample_shape[0]} image + {self.num_classes} label channels; "
+                    f"build the model for {self.sample_shape[0] + self.num_classes} input channels)")
+        check_model_fits(self.model, fit_sample, what)
         self.dist.broadcast_module(self.model)  # identical replicas, whatever each rank's RNG did
         self.prior = build_prior(c.prior, data=sample, shape=self.sample_shape)
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay is not None else None

@@ -122,6 +122,24 @@ def test_a_model_that_changes_the_shape_is_one_line(tmp_path):
         Trainer(config(tmp_path / "r", 2), model=torch.nn.AvgPool2d(2), data=digits())
     with pytest.raises(TypeError, match="data must be a tensor"):
         Trainer(config(tmp_path / "r", 2), data=[1, 2, 3])
+    # a module whose own forward fails on the data's shape: one line naming the shape, not a traceback
+    with pytest.raises(ValueError, match=r"model cannot run on data samples of shape \(1, 12, 12\): .*channels"):
+        Trainer(config(tmp_path / "r", 2), model=torch.nn.Conv2d(3, 1, 3, padding=1), data=digits())
+
+
+def test_cli_conditional_run_with_a_module_built_for_the_image_channels_only_is_one_line(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """--conditional feeds C + K channels; a user's module built for C gets one line saying so (exit 2)."""
+    from ign_fast.cli import main
+
+    (tmp_path / "plain_nets.py").write_text("import torch\n\nclass OneChannel(torch.nn.Conv2d):\n"
+                                            "    def __init__(self):\n        super().__init__(1, 1, 3, padding=1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["train", "--model", "plain_nets:OneChannel", "--conditional", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--conditional inputs (1 image + 10 label channels" in err
+    assert "11 input channels" in err
 
 
 USER_MODULE = '''
