@@ -58,11 +58,19 @@ def _add_train(sub):
     p.add_argument("--lambda-rec", type=float, default=None, help="weight of f(x) = x; default 20 (ign) or 1 (naign)")
     p.add_argument("--lambda-idem", type=float, default=None,
                    help="weight of f(f(z)) = f(z); default 20 (ign), 0 (naign), 1 (naign on toy sets)")
-    p.add_argument("--lambda-tight", type=float, default=d.lambda_tight, help="IGN: weight of the tightness term "
-                                                                                "(default %(default)s)")
+    p.add_argument("--lambda-tight", type=float, default=None,
+                   help="weight of the tightness term: default 2.5 (ign), 0 (naign; > 0 adds it on the pulled "
+                        "samples, an IGN + IMLE hybrid, docs/IGN.md)")
     p.add_argument("--tight-clamp-ratio", type=_optional_float, default=d.tight_clamp_ratio, help="a number or none")
-    p.add_argument("--lambda-imle", type=float, default=d.lambda_imle, help="NAIGN: weight of the IMLE term "
-                                                                              "(default %(default)s)")
+    p.add_argument("--tight-warmup", type=int, default=d.tight_warmup,
+                   help="steps over which the tightness weight rises from 0 to --lambda-tight (default "
+                        "%(default)s: off)")
+    p.add_argument("--tight-warmup-shape", default=d.tight_warmup_shape,
+                   help="linear | exp (1 - exp(-5 step/N)); default %(default)s")
+    p.add_argument("--lambda-imle", type=float, default=None,
+                   help="weight of the IMLE pull: NAIGN's term (default 1); with --objective ign every image pulls "
+                        "the nearest f(z) of its batch, an IGN + IMLE hybrid (default 0: the paper's objective; "
+                        "docs/IGN.md)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="NAIGN: noise samples per data point")
     p.add_argument("--lambda-restore", type=float, default=d.lambda_restore,
                    help="weight of d(f(c(x)), x), teaching f to undo corruptions c (default %(default)s: off)")

@@ -19,7 +19,7 @@ Choices where the paper is silent, and the sweep behind the defaults: docs/NAIGN
 import torch
 from torch.func import functional_call
 
-from . import ops
+from . import ops, reference
 from .graph_step import set_capturable
 from .step import (apply_update, check_model_matches, check_output, check_step_inputs, frozen_state,
                    has_batch_coupling, read_terms)
@@ -30,7 +30,7 @@ class NAIGNLoss(torch.nn.Module):
     """Hyperparameters and the loss of NAIGN. loss(x, fx, f_znn, f_f_znn=None) -> (total, rec, imle, idem)."""
 
     def __init__(self, distance="l1", lambda_rec=1.0, lambda_imle=1.0, lambda_idem=0.0, candidates_per_sample=8,
-                 refresh_every=4, lambda_restore=0.0, restore_distance=None):
+                 refresh_every=4, lambda_restore=0.0, restore_distance=None, lambda_tight=0.0, tight_clamp_ratio=1.5):
         super().__init__()
         self.distance = check_distance_kind("distance", distance)
         self.lambda_rec = check_nonnegative_float("lambda_rec", lambda_rec)
@@ -44,12 +44,22 @@ class NAIGNLoss(torch.nn.Module):
         # fit, which is what PSNR scores best; l1 aims at their median, a sharper guess that is often wrong.
         self.restore_distance = None if restore_distance is None else check_distance_kind("restore_distance",
                                                                                          restore_distance)
+        # IGN's tightness term on the pulled samples, -d(f_θ(sg f(z*)), sg f(z*)) clamped by ratio·rec as in
+        # IGNLoss: with it (and lambda_idem) the step is an IGN + IMLE hybrid, the IMLE pull searched among
+        # NAIGN's k·B candidates (issue 14, docs/IGN.md); 0 is NAIGN
+        self.lambda_tight = check_nonnegative_float("lambda_tight", lambda_tight)
+        if tight_clamp_ratio is not None:
+            tight_clamp_ratio = check_nonnegative_float("tight_clamp_ratio", tight_clamp_ratio)
+            if tight_clamp_ratio == 0:
+                raise ValueError("tight_clamp_ratio must be > 0 or None (no clamp), got 0")
+        self.tight_clamp_ratio = tight_clamp_ratio
 
     def config(self):
         return {"distance": self.distance, "lambda_rec": self.lambda_rec, "lambda_imle": self.lambda_imle,
                 "lambda_idem": self.lambda_idem, "candidates_per_sample": self.candidates_per_sample,
                 "refresh_every": self.refresh_every, "lambda_restore": self.lambda_restore,
-                "restore_distance": self.restore_distance}
+                "restore_distance": self.restore_distance, "lambda_tight": self.lambda_tight,
+                "tight_clamp_ratio": self.tight_clamp_ratio}
 
     def forward(self, x, fx, f_znn, f_f_znn=None):
         d = self.distance
@@ -170,7 +180,8 @@ class NAIGNStep:
             return self._forward(x, z_pool, candidates)
 
     def _forward(self, x, z_pool, candidates=None):
-        """The five terms and the candidates searched (made here from a fresh pool when candidates is None)."""
+        """The five terms, the candidates searched (made here from a fresh pool when candidates is None), and the
+        per-sample restoration and tightness terms (None when their weight is 0)."""
         if candidates is None:
             gather = self.candidate_gather
             own = z_pool if gather is None else gather.local(z_pool)
@@ -193,25 +204,35 @@ class NAIGNStep:
         if self.loss.lambda_idem > 0:
             f_f_znn = check_output("f(f(z*))", functional_call(model, frozen_state(model), (f_znn,)), f_znn)
         total, rec, imle, idem = self.loss(x, fx, f_znn, f_f_znn)
+        tight = None
+        if self.loss.lambda_tight > 0:  # the hybrid's tightness term: f_θ moved off the pulled samples it fixes
+            pulled = f_znn.detach()
+            tight = -ops.per_sample_distance(check_output("f(f(z*))", model(pulled), pulled), pulled,
+                                             self.loss.distance)
+            if self.loss.tight_clamp_ratio is not None:
+                tight = reference.clamp_tight(tight, rec, self.loss.tight_clamp_ratio)
+            total = total + self.loss.lambda_tight * tight.mean()
         restore = None
         if restoring:  # f(c(x)) = x: f learns to undo the corruptions (issue 13)
             restore = ops.per_sample_distance(outputs[2], x, self.loss.restore_distance or self.loss.distance)
             total = total + self.loss.lambda_restore * restore.mean()
-        return total, rec, imle, idem, nn_distance, candidates, restore
+        return total, rec, imle, idem, nn_distance, candidates, restore, tight
 
     def compute_gradients(self, x, z_pool, candidates=None, sync_free=False):
         """Forward and backward on a checked pool (gradients accumulate into .grad); the five terms as 0-dim
         tensors, and under "_candidates" the candidates made from a fresh pool (candidates None), which the
         calls until the next refresh search. With sync_free it never reads a device value on the host (what a
         CUDA graph capture needs)."""
-        total, rec, imle, idem, nn_distance, made, restore = self._loss_terms(x, z_pool, candidates, sync_free)
+        total, rec, imle, idem, nn_distance, made, restore, tight = self._loss_terms(x, z_pool, candidates,
+                                                                                   sync_free)
         total.backward()
         names = ["loss", "rec", "imle", "idem", "nn_distance"]
         terms = [total.detach(), rec.detach().mean(), imle.detach().mean(), idem.detach().mean(),
                  nn_distance.detach().float().mean()]
-        if restore is not None:
-            names.append("restore")
-            terms.append(restore.detach().mean())
+        for name, term in (("restore", restore), ("tight", tight)):
+            if term is not None:
+                names.append(name)
+                terms.append(term.detach().mean())
         if self.grad_sync is not None:
             terms = self.grad_sync(terms)
         out = dict(zip(names, terms))

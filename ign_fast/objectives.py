@@ -6,6 +6,14 @@ With d(a, b)_i the per-sample mean |a-b| (l1) or (a-b)^2 (l2), θ' a frozen copy
   tight_i = -d(f_θ(sg f_θ(z)), sg f_θ(z))_i            reaches θ only through the outer call
   clamp (ratio a):  tight_i = tanh(tight_i / (a·rec_i)) · a·rec_i      (rec_i not detached)
   total = λr·mean(rec) + λi·mean(idem) + λt·mean(tight)
+
+Optional terms IGNStep adds, off by default (the paper's objective is the four calls and forward() below):
+  restore_i = d_c(f(c(x_i)), x_i)                      f undoes a known corruption c (issue 13)
+  imle_i    = d(f_θ(z_j*(i)), x_i),  j*(i) = argmin_j d(sg f_θ(z_j), x_i)
+            an IGN + IMLE hybrid (issue 14): every data point pulls the nearest of the batch's own f(z) onto
+            itself, as NAIGN does with its candidate pool. It costs no extra call of f (f(z) is made anyway),
+            and it gives the collapse the tightness term drives a counterweight: a dropped mode leaves its
+            data points far from every f(z), and they pull. docs/IGN.md measures it.
 """
 import torch
 
@@ -28,7 +36,7 @@ class IGNLoss(torch.nn.Module):
     """
 
     def __init__(self, distance="l1", lambda_rec=20.0, lambda_idem=20.0, lambda_tight=2.5, tight_clamp_ratio=1.5,
-                 lambda_restore=0.0, restore_distance=None):
+                 lambda_restore=0.0, restore_distance=None, lambda_imle=0.0):
         super().__init__()
         self.distance = check_distance_kind("distance", distance)
         self.lambda_rec = check_nonnegative_float("lambda_rec", lambda_rec)
@@ -44,11 +52,15 @@ class IGNLoss(torch.nn.Module):
         self.lambda_restore = check_nonnegative_float("lambda_restore", lambda_restore)
         self.restore_distance = None if restore_distance is None else check_distance_kind("restore_distance",
                                                                                          restore_distance)
+        # The IMLE pull λ_imle · mean d(f(z_j*), x) on the batch's own f(z) (the module docstring), added by
+        # IGNStep like the restoration term; 0 is the paper's objective.
+        self.lambda_imle = check_nonnegative_float("lambda_imle", lambda_imle)
 
     def config(self):
         return {"distance": self.distance, "lambda_rec": self.lambda_rec, "lambda_idem": self.lambda_idem,
                 "lambda_tight": self.lambda_tight, "tight_clamp_ratio": self.tight_clamp_ratio,
-                "lambda_restore": self.lambda_restore, "restore_distance": self.restore_distance}
+                "lambda_restore": self.lambda_restore, "restore_distance": self.restore_distance,
+                "lambda_imle": self.lambda_imle}
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())

@@ -119,7 +119,9 @@ class IGNStep:
     weights untouched when the loss is not finite (see the module docstring). corrupt: x -> c(x) for the
     restoration term loss.lambda_restore · mean d(f(c(x)), x) (default ign_fast.corruptions.TrainingCorruptions()
     when lambda_restore > 0); f(c(x)) is one more call after the four (in the same batched call as f(x) and
-    f(z) in "fused" where the model has no batch coupling), and the terms gain "restore".
+    f(z) in "fused" where the model has no batch coupling), and the terms gain "restore". With
+    loss.lambda_imle > 0 every x pulls the nearest f(z) of the batch onto itself (an IGN + IMLE hybrid,
+    objectives.py; no extra call of f), and the terms gain "imle".
     """
 
     def __init__(self, model, optimizer, loss=None, mode="reference", amp_dtype=None, check_inputs=True,
@@ -161,25 +163,30 @@ class IGNStep:
 
     def forward_loss(self, x, z, sync_free=False):
         """The objective's terms for one batch, with the graph attached: (total, rec, idem, tight); total
-        includes the restoration term when loss.lambda_restore > 0."""
+        includes the restoration and IMLE terms when their weights are > 0."""
         return self._terms(x, z, sync_free)[:4]
 
     def _terms(self, x, z, sync_free=False):
-        """(total, rec, idem, tight, restore): restore is the per-sample d(f(c(x)), x), or None when off."""
+        """(total, rec, idem, tight, restore, imle): restore is the per-sample d(f(c(x)), x) and imle the
+        per-sample d(f(z_j*), x) of the IMLE pull (objectives.py), each None when its weight is 0."""
         device_type = x.device.type
         with torch.autocast(device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
                             cache_enabled=not sync_free):
             # c(x) drawn once, before any call, so both modes apply f to the same corrupted batch
             cx = self.corrupt(x) if self.loss.lambda_restore > 0 else None
             if self.mode == "reference":
-                (total, rec, idem, tight), f_cx = self._reference_forward(x, z, cx)
+                (total, rec, idem, tight), fz, f_cx = self._reference_forward(x, z, cx)
             else:
-                (total, rec, idem, tight), f_cx = self._fused_forward(x, z, cx, sync_free)
-            restore = None
+                (total, rec, idem, tight), fz, f_cx = self._fused_forward(x, z, cx, sync_free)
+            restore = imle = None
             if f_cx is not None:  # f(c(x)) = x: f learns to undo the corruptions (issue 13)
                 restore = ops.per_sample_distance(f_cx, x, self.loss.restore_distance or self.loss.distance)
                 total = total + self.loss.lambda_restore * restore.mean()
-            return total, rec, idem, tight, restore
+            if self.loss.lambda_imle > 0:  # every x pulls the nearest f(z) of the batch onto itself (issue 14)
+                index, _ = ops.nearest_neighbors(x, fz.detach(), self.loss.distance)
+                imle = ops.per_sample_distance(fz.index_select(0, index), x, self.loss.distance)
+                total = total + self.loss.lambda_imle * imle.mean()
+            return total, rec, idem, tight, restore, imle
 
     def _fused_forward(self, x, z, cx, sync_free):
         from .fused_step import shared_second_application
@@ -201,7 +208,7 @@ class IGNStep:
         if coupled and cx is not None:  # after the second application, where the reference makes this call
             f_cx = check_output("f(c(x))", model(cx), cx)
         terms = self.loss(x, fx, fz, check_output("f(f(z))", f_fz, fz), check_output("f(f(z))", ff_z, fz))
-        return terms, f_cx
+        return terms, fz, f_cx
 
     def _reference_forward(self, x, z, cx=None):
         model = self.model
@@ -210,19 +217,20 @@ class IGNStep:
         ff_z = check_output("f(f(z))", model(fz.detach()), fz)  # f_θ(sg f_θ(z)): tight role, gradient into θ
         f_fz = check_output("f(f(z))", functional_call(model, frozen_state(model), (fz,)), fz)  # f_θ'(f_θ(z)): idem
         f_cx = None if cx is None else check_output("f(c(x))", model(cx), cx)  # the restoration term's call
-        return self.loss(x, fx, fz, f_fz, ff_z), f_cx
+        return self.loss(x, fx, fz, f_fz, ff_z), fz, f_cx
 
     def compute_gradients(self, x, z, sync_free=False):
         """Forward and backward in the step's mode (gradients accumulate into .grad); the four terms (five with
         the restoration term) as 0-dim tensors. With sync_free it never reads a device value on the host (what
         a CUDA graph capture needs)."""
-        total, rec, idem, tight, restore = self._terms(x, z, sync_free)
+        total, rec, idem, tight, restore, imle = self._terms(x, z, sync_free)
         total.backward()
         names = ["loss", "rec", "idem", "tight"]
         terms = [total.detach(), rec.detach().mean(), idem.detach().mean(), tight.detach().mean()]
-        if restore is not None:
-            names.append("restore")
-            terms.append(restore.detach().mean())
+        for name, term in (("restore", restore), ("imle", imle)):
+            if term is not None:
+                names.append(name)
+                terms.append(term.detach().mean())
         if self.grad_sync is not None:
             terms = self.grad_sync(terms)
         return dict(zip(names, terms))

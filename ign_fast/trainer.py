@@ -66,9 +66,11 @@ class TrainConfig:
     distance: str = "l1"
     lambda_rec: float | None = None   # None: 20 for ign, 1 for naign
     lambda_idem: float | None = None  # None: 20 for ign, 0 for naign
-    lambda_tight: float = 2.5
+    lambda_tight: float | None = None  # None: 2.5 for ign, 0 for naign (> 0 there: the hybrid, docs/IGN.md)
     tight_clamp_ratio: float | None = 1.5
-    lambda_imle: float = 1.0
+    tight_warmup: int = 0             # λ_tight rises from 0 to lambda_tight over this many steps (0: off)
+    tight_warmup_shape: str = "linear"  # "linear" ramp, or "exp": λ_t·(1 - exp(-5·step/tight_warmup))
+    lambda_imle: float | None = None  # None: 1 for naign, 0 for ign (> 0 there: the IGN + IMLE hybrid)
     lambda_restore: float = 0.0       # weight of d(f(c(x)), x), c drawn from restore_corruptions (issue 13)
     restore_corruptions: str = "mask,noise"
     restore_distance: str | None = None  # the term's distance; None: `distance`
@@ -105,6 +107,8 @@ class TrainConfig:
         c.lr = c.lr if c.lr is not None else (1e-4 if ign else 2e-3 if toy else 5e-4)
         c.lambda_rec = c.lambda_rec if c.lambda_rec is not None else (20.0 if ign else 1.0)
         c.lambda_idem = c.lambda_idem if c.lambda_idem is not None else (20.0 if ign else 1.0 if toy else 0.0)
+        c.lambda_imle = c.lambda_imle if c.lambda_imle is not None else (0.0 if ign else 1.0)
+        c.lambda_tight = c.lambda_tight if c.lambda_tight is not None else (2.5 if ign else 0.0)
         return c
 
 
@@ -140,7 +144,7 @@ def validate_config(c):
     choices = {"objective": ("ign", "naign"), "data": DATASET_NAMES,
                "norm": ("batch", "group", "none"), "distance": ("l1", "l2"), "prior": PRIOR_KINDS,
                "step_mode": ("auto", "reference", "fused", "graph"), "amp": ("auto", "bf16", "none"),
-               "lr_schedule": ("constant", "cosine")}
+               "lr_schedule": ("constant", "cosine"), "tight_warmup_shape": ("linear", "exp")}
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {getattr(c, name)!r}")
@@ -152,6 +156,14 @@ def validate_config(c):
     if c.lr_schedule != "constant" and c.step_mode == "graph":  # the captured optimizer step bakes lr in
         raise ValueError("lr_schedule 'cosine' needs step_mode auto, fused or reference: a CUDA graph replays "
                          "the learning rate it was captured with")
+    if isinstance(c.tight_warmup, bool) or not isinstance(c.tight_warmup, int) or c.tight_warmup < 0:
+        raise ValueError(f"tight_warmup must be an integer >= 0 (steps; 0: off), got {c.tight_warmup!r}")
+    if c.tight_warmup > 0 and not c.lambda_tight:
+        raise ValueError("tight_warmup needs a tightness term: objective 'ign', or lambda_tight > 0 (NAIGN's "
+                         "default is 0)")
+    if c.tight_warmup > 0 and c.step_mode == "graph":  # the captured loss bakes λ_tight in
+        raise ValueError("tight_warmup needs step_mode auto, fused or reference: a CUDA graph replays the "
+                         "tightness weight it was captured with")
     from .corruptions import check_mask_fill, parse_kinds
 
     parse_kinds(c.restore_corruptions)
@@ -287,12 +299,13 @@ def build_step(config, model, optimizer, sample_noise, device, amp_dtype, loss_s
     if config.objective == "ign":
         loss = IGNLoss(config.distance, config.lambda_rec * loss_scale, config.lambda_idem * loss_scale,
                        config.lambda_tight * loss_scale, config.tight_clamp_ratio, config.lambda_restore * loss_scale,
-                       config.restore_distance)
+                       config.restore_distance, config.lambda_imle * loss_scale)
         return IGNStep(model, optimizer, loss=loss, mode=mode, amp_dtype=amp_dtype, check_inputs=False,
                        corrupt=corrupt)
     loss = NAIGNLoss(config.distance, config.lambda_rec * loss_scale, config.lambda_imle * loss_scale,
                      config.lambda_idem * loss_scale, config.candidates, config.refresh_every,
-                     config.lambda_restore * loss_scale, config.restore_distance)
+                     config.lambda_restore * loss_scale, config.restore_distance,
+                     config.lambda_tight * loss_scale, config.tight_clamp_ratio)
     # NAIGN has no four-call reference step to choose: "reference" runs its one eager implementation
     return NAIGNStep(model, optimizer, loss=loss, sample_noise=sample_noise, amp_dtype=amp_dtype,
                      check_inputs=False, mode="graph" if mode == "graph" else "fused", corrupt=corrupt)
@@ -708,10 +721,23 @@ class Trainer:
             return c.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / c.steps, 1.0)))
         return c.lr
 
+    def tightness_weight(self, step):
+        """λ_tight of update number step + 1 under tight_warmup (a function of the step alone, so resume is
+        exact); unscaled, as the config gives it."""
+        c = self.config
+        if c.tight_warmup <= 0 or step >= c.tight_warmup and c.tight_warmup_shape == "linear":
+            return c.lambda_tight
+        if c.tight_warmup_shape == "exp":
+            return c.lambda_tight * (1.0 - math.exp(-5.0 * step / c.tight_warmup))
+        return c.lambda_tight * step / c.tight_warmup
+
     def train_step(self):
-        if self.config.lr_schedule != "constant":
+        c = self.config
+        if c.lr_schedule != "constant":
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
+        if c.tight_warmup > 0:
+            self.step_fn.loss.lambda_tight = self.tightness_weight(self.step) * self.term_scale
         batch = self.loader.next_batch()
         x = batch[0] if self.num_classes is not None else batch
         x = x.to(self.device, non_blocking=True)
