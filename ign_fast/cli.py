@@ -47,9 +47,9 @@ def _add_train(sub):
     p.add_argument("--latent-dim", type=int, default=d.latent_dim,
                    help="channels of the model's bottleneck (default %(default)s)")
     p.add_argument("--width", type=int, default=d.width, help="base channel count of the model (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps,
+    p.add_argument("--steps", type=int, default=None,
                    help="total training steps to reach; with --resume the run continues up to this step count, "
-                        "not this many more (default %(default)s)")
+                        "not this many more (default 2000; 6000 for naign on the toy sets)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 (ign) or 64 (naign)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (ign), 5e-4 (naign), 2e-3 (naign on toy sets)")
     p.add_argument("--lr-schedule", default=d.lr_schedule,

@@ -77,3 +77,11 @@ def test_candidates_are_reused_between_pool_refreshes():
         assert out["loss"] == pytest.approx(float(naive), rel=1e-12)
     step(batches[3])
     assert step.pool is not pool0 and step.candidates is not candidates0
+
+
+def test_toy_sets_resolve_their_own_step_count():
+    # two moons and rings need 6,000 steps for their samples to reach the curves (docs/NAIGN.md, toy sets)
+    assert TrainConfig(objective="naign", data="moons").resolved().steps == 6000
+    assert TrainConfig(objective="naign", data="mnist5k").resolved().steps == 2000
+    assert TrainConfig(objective="ign", data="moons").resolved().steps == 2000
+    assert TrainConfig(objective="naign", data="rings", steps=10).resolved().steps == 10
