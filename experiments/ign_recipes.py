@@ -34,6 +34,12 @@ RECIPES = {
     "listing-warmup-exp": LISTING + ["--tight-warmup", "1000", "--tight-warmup-shape", "exp"],
     # noise augmentation with a clean target: d(f(x + σε), x), σ 0.5, the restoration term's noise
     "listing-noise-aug": LISTING + ["--lambda-restore", "1", "--restore-corruptions", "noise"],
+    # the first round's best pure-IGN recipe (the exponential warm-up) with one more change each
+    "listing-warmup-exp-fourier": LISTING + ["--tight-warmup", "1000", "--tight-warmup-shape", "exp",
+                                             "--prior", "fourier"],
+    "listing-warmup-exp-lr5e-4": LISTING + ["--tight-warmup", "1000", "--tight-warmup-shape", "exp", "--lr", "5e-4"],
+    "listing-warmup-exp-fourier-lr5e-4": LISTING + ["--tight-warmup", "1000", "--tight-warmup-shape", "exp",
+                                                    "--prior", "fourier", "--lr", "5e-4"],
     "code-small-tight": CODE + ["--lambda-tight", "0.5"],
     "code-fourier": CODE + ["--prior", "fourier"],
     "hybrid-code": CODE + ["--lambda-imle", "20"],     # the tightness term kept, the IMLE pull added (λ = λ_rec)
@@ -41,12 +47,12 @@ RECIPES = {
     # the hybrid without batch coupling: with BatchNorm the pull of the few f(z) that data points chose moves
     # the batch statistics every other f(z) of the batch is normalised with
     "hybrid-code-group": ["--norm", "group", "--lambda-imle", "20"],
-    "hybrid-code-group-weak": ["--norm", "group", "--lambda-imle", "5"],
+    "hybrid-code-group-strong": ["--norm", "group", "--lambda-imle", "40"],
+    "hybrid-code-group-stronger": ["--norm", "group", "--lambda-imle", "80"],
     # the other way round: NAIGN (its k·B-candidate IMLE pull, the demo's settings) with IGN's tightness term on
     # the pulled samples, λ_t at the paper's ratio to λ_rec (2.5 / 20), alone and with the idempotence term
     "hybrid-naign-tight": ["--objective", "naign", "--lambda-tight", "0.125"],
     "hybrid-naign-idem-tight": ["--objective", "naign", "--lambda-idem", "1", "--lambda-tight", "0.125"],
-    "hybrid-naign-tight-strong": ["--objective", "naign", "--lambda-tight", "0.5"],
 }
 
 
