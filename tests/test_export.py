@@ -308,13 +308,18 @@ def test_cpp_example_matches_python(tmp_path, batch_fourier):
                 [binary, "f.pt", "project", "in.f32", "projected3.f32", "3"],
                 [binary, "f.pt", "generate", "5", "11", "generated.f32"],
                 [binary, "f.pt", "generate", "4", "2", "grid.pgm"]]
+    # the C++ process runs with this process's thread count, so its reductions split the same way
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     for command in commands:
-        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
         assert result.returncode == 0, result.stderr
-    torch.testing.assert_close(read_f32(tmp_path / "projected.f32"), apply_f(model, x, 2), atol=ATOL, rtol=0)
-    torch.testing.assert_close(read_f32(tmp_path / "projected3.f32"), apply_f(model, x, 3), atol=ATOL, rtol=0)
+    # float32 through two applications of a BatchNorm model in another process: a full-suite run once differed
+    # by 1.5e-5 in 50 of 3,920 generated pixels (rounding); a wrong program differs by 1e-1
+    cpp_atol = 5e-5
+    torch.testing.assert_close(read_f32(tmp_path / "projected.f32"), apply_f(model, x, 2), atol=cpp_atol, rtol=0)
+    torch.testing.assert_close(read_f32(tmp_path / "projected3.f32"), apply_f(model, x, 3), atol=cpp_atol, rtol=0)
     torch.testing.assert_close(read_f32(tmp_path / "generated.f32"), eager_generate(model, prior, 5, 11, 2),
-                               atol=ATOL, rtol=0)
+                               atol=cpp_atol, rtol=0)
     grid = (tmp_path / "grid.pgm").read_bytes()
     assert grid.startswith(b"P5\n112 28\n255\n") and len(grid) == len(b"P5\n112 28\n255\n") + 112 * 28
     result = subprocess.run([binary, "f.pt", "project", "missing.pgm", "o.pgm"], cwd=tmp_path, capture_output=True,
