@@ -23,7 +23,8 @@ from . import ops, reference
 from .graph_step import set_capturable
 from .step import (apply_update, check_model_matches, check_output, check_step_inputs, frozen_state,
                    has_batch_coupling, read_terms)
-from .validation import check_distance_kind, check_finite, check_nonnegative_float, check_positive_int
+from .validation import (check_clamp_ratio, check_distance_kind, check_finite, check_nonnegative_float,
+                         check_positive_int)
 
 
 class NAIGNLoss(torch.nn.Module):
@@ -48,11 +49,7 @@ class NAIGNLoss(torch.nn.Module):
         # IGNLoss: with it (and lambda_idem) the step is an IGN + IMLE hybrid, the IMLE pull searched among
         # NAIGN's k·B candidates (issue 14, docs/IGN.md); 0 is NAIGN
         self.lambda_tight = check_nonnegative_float("lambda_tight", lambda_tight)
-        if tight_clamp_ratio is not None:
-            tight_clamp_ratio = check_nonnegative_float("tight_clamp_ratio", tight_clamp_ratio)
-            if tight_clamp_ratio == 0:
-                raise ValueError("tight_clamp_ratio must be > 0 or None (no clamp), got 0")
-        self.tight_clamp_ratio = tight_clamp_ratio
+        self.tight_clamp_ratio = check_clamp_ratio(tight_clamp_ratio)
 
     def config(self):
         return {"distance": self.distance, "lambda_rec": self.lambda_rec, "lambda_imle": self.lambda_imle,

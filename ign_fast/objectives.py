@@ -18,7 +18,7 @@ Optional terms IGNStep adds, off by default (the paper's objective is the four c
 import torch
 
 from . import ops, reference
-from .validation import check_distance_kind, check_nonnegative_float
+from .validation import check_clamp_ratio, check_distance_kind, check_nonnegative_float
 
 # The clamp and its rec = 0 limit (CLAMP_SCALE_EPS, CLAMP_ARG_LIMIT) live in reference.py, beside the rest of
 # the objective's plain-PyTorch form (reference.ign_loss); the kernels implement exactly those semantics.
@@ -42,11 +42,7 @@ class IGNLoss(torch.nn.Module):
         self.lambda_rec = check_nonnegative_float("lambda_rec", lambda_rec)
         self.lambda_idem = check_nonnegative_float("lambda_idem", lambda_idem)
         self.lambda_tight = check_nonnegative_float("lambda_tight", lambda_tight)
-        if tight_clamp_ratio is not None:
-            tight_clamp_ratio = check_nonnegative_float("tight_clamp_ratio", tight_clamp_ratio)
-            if tight_clamp_ratio == 0:
-                raise ValueError("tight_clamp_ratio must be > 0 or None (no clamp), got 0")
-        self.tight_clamp_ratio = tight_clamp_ratio
+        self.tight_clamp_ratio = check_clamp_ratio(tight_clamp_ratio)
         # The restoration term λ_c · mean d_c(f(c(x)), x) (issue 13), added by IGNStep, which owns the corruption
         # c: not part of forward(), whose fused kernel is the paper's objective. d_c: restore_distance or distance.
         self.lambda_restore = check_nonnegative_float("lambda_restore", lambda_restore)

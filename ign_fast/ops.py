@@ -12,8 +12,8 @@ import torch
 
 from . import reference
 from ._extension import CUDA_BUILT, HAS_C
-from .validation import (check_distance_kind, check_nonempty_rows, check_nonnegative_float, check_same,
-                         check_tensor)
+from .validation import (check_clamp_ratio, check_distance_kind, check_nonempty_rows, check_nonnegative_float,
+                         check_same, check_tensor)
 
 BACKENDS = ("auto", "native", "triton", "torch")
 # No CUDA or Triton kernel of ign_fast has run on a GPU yet (README, "What has run on a GPU"). Until the GPU
@@ -183,10 +183,8 @@ def _check_ign_loss_args(x, fx, fz, f_fz, ff_z, kind, lambda_rec, lambda_idem, l
     check_nonempty_rows("x", x)
     lambdas = tuple(check_nonnegative_float(name, value) for name, value in
                     (("lambda_rec", lambda_rec), ("lambda_idem", lambda_idem), ("lambda_tight", lambda_tight)))
+    tight_clamp_ratio = check_clamp_ratio(tight_clamp_ratio)
     if tight_clamp_ratio is not None:
-        tight_clamp_ratio = check_nonnegative_float("tight_clamp_ratio", tight_clamp_ratio)
-        if tight_clamp_ratio == 0:
-            raise ValueError("tight_clamp_ratio must be > 0 or None (no clamp), got 0")
         if fz.shape[0] != x.shape[0]:
             raise ValueError(f"with tight_clamp_ratio, fz must have the batch size of x ({x.shape[0]}), "
                              f"got {fz.shape[0]}")

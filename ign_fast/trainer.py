@@ -728,11 +728,12 @@ class Trainer:
         """λ_tight of update number step + 1 under tight_warmup (a function of the step alone, so resume is
         exact); unscaled, as the config gives it."""
         c = self.config
-        if c.tight_warmup <= 0 or step >= c.tight_warmup and c.tight_warmup_shape == "linear":
+        if c.tight_warmup <= 0:
             return c.lambda_tight
+        progress = step / c.tight_warmup
         if c.tight_warmup_shape == "exp":
-            return c.lambda_tight * (1.0 - math.exp(-5.0 * step / c.tight_warmup))
-        return c.lambda_tight * step / c.tight_warmup
+            return c.lambda_tight * (1.0 - math.exp(-5.0 * progress))
+        return c.lambda_tight * min(progress, 1.0)
 
     def train_step(self):
         c = self.config

@@ -70,3 +70,13 @@ def check_positive_float(name, value):
     if not (v > 0.0) or v == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return v
+
+
+def check_clamp_ratio(value, name="tight_clamp_ratio"):
+    """The tightness clamp's ratio: None (no clamp) or a finite number > 0."""
+    if value is None:
+        return None
+    ratio = check_nonnegative_float(name, value)
+    if ratio == 0:
+        raise ValueError(f"{name} must be > 0 or None (no clamp), got 0")
+    return ratio
