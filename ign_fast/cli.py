@@ -283,8 +283,29 @@ def corrupt(images, kind, generator, noise_std=0.5):
 
 
 def psnr(a, b, peak_to_peak=2.0):
+    """The mean over images of each image's PSNR (MSE floored at 1e-12: 126 dB for an exact image)."""
     mse = (a.float() - b.float()).square().flatten(1).mean(1).clamp_min(1e-12)
     return (10 * torch.log10(peak_to_peak ** 2 / mse)).mean().item()
+
+
+def pooled_psnr(a, b, peak_to_peak=2.0):
+    """The PSNR of the mean squared error over every pixel of every image (torchmetrics' default reduction)."""
+    return (10 * torch.log10(peak_to_peak ** 2 / (a.float() - b.float()).square().mean().clamp_min(1e-12))).item()
+
+
+def restoration_scores(restored, corrupted, clean):
+    """PSNR before and after three ways, since they disagree where the corruption leaves some images exact (a
+    square on empty background): every image's PSNR averaged (`psnr`: such an image scores the 126 dB floor
+    before, which a restoration that moves any of its pixels cannot keep), the same over the images the
+    corruption changed, and pooled over all pixels."""
+    changed = (corrupted.float() != clean.float()).flatten(1).any(1)
+    scores = {"images": int(clean.shape[0]), "changed": int(changed.sum()),
+              "before": psnr(corrupted, clean), "after": psnr(restored, clean),
+              "pooled_before": pooled_psnr(corrupted, clean), "pooled_after": pooled_psnr(restored, clean)}
+    if changed.any():
+        scores["changed_before"] = psnr(corrupted[changed], clean[changed])
+        scores["changed_after"] = psnr(restored[changed], clean[changed])
+    return scores
 
 
 def projected_names(paths):
@@ -570,13 +591,20 @@ def cmd_restore(args):
             target = os.path.join(out, os.path.splitext(os.path.basename(p))[0] + f"_restored_{tag}.png")
             save_png(x, target)
             print(f"{p} -> {target}")
-    before, after = psnr(corrupted, clean), psnr(restored, clean)
+    scores = restoration_scores(restored, corrupted, clean)
+    before, after = scores["before"], scores["after"]
     method = args.method
     if method == "auto":  # say what auto ran: it depends on the operator and on what the run was trained to undo
         resolved, auto_steps = auto_method(operator, projector.taught)
         method = f"auto = {resolved}" + (f" x {auto_steps}" if auto_steps and args.steps is None else "")
     print(f"{args.corruption} ({operator!r}), method {method}: PSNR {before:.2f} dB before, {after:.2f} dB "
           f"after ({clean.shape[0]} images, {seconds:.1f} s)")
+    if 0 < scores["changed"] < scores["images"]:
+        print(f"{scores['images'] - scores['changed']} of {scores['images']} images are unchanged by the corruption "
+              f"(126 dB before); on the other {scores['changed']}: {scores['changed_before']:.2f} dB before, "
+              f"{scores['changed_after']:.2f} dB after")
+    print(f"PSNR pooled over all pixels: {scores['pooled_before']:.2f} dB before, "
+          f"{scores['pooled_after']:.2f} dB after")
     ssim_before, ssim_after = ssim_or_none(corrupted, clean), ssim_or_none(restored, clean)
     if ssim_before is None:
         print("SSIM: not computed (pip install pytorch-msssim, or ign_fast[restore])")

@@ -1,6 +1,7 @@
 """Restoration: known measurements kept by every method, "latent" beating "project" on masks with a small trained
 model, duck-typed (deepinv-like) operators, seeds, batch sizes, Projector.restore from a run and its TorchScript
 export, and the CLI's output and one-line errors."""
+import math
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from ign_fast import Projector, export_projector
-from ign_fast.cli import main, psnr
+from ign_fast.cli import main, psnr, restoration_scores
 from ign_fast.inference import load_trained
 from ign_fast.operators import Downsample, Grayscale, Identity, Mask, random_square_mask
 from ign_fast.restore import differentiable_f, restore
@@ -209,8 +210,26 @@ def test_cli_restore_writes_grid_and_reports(tiny_run, tmp_path, capsys):
     assert main(["restore", tiny_run, "--corruption", "mask", "--n", "6", "--steps", "2", "--out", out,
                  "--method", "latent"]) == 0
     text = capsys.readouterr().out
-    assert "PSNR" in text and "dB before" in text and "SSIM" in text
+    assert "PSNR" in text and "dB before" in text and "SSIM" in text and "PSNR pooled over all pixels" in text
     assert os.path.isfile(os.path.join(out, "restore_mask_latent.png"))
+
+
+def test_restoration_scores_on_a_known_case():
+    # two 2x2 images on black; the corruption leaves the first exact and turns one pixel of the second white
+    clean = torch.full((2, 1, 2, 2), -1.0)
+    corrupted, restored = clean.clone(), clean.clone()
+    corrupted[1, 0, 0, 0] = 1.0   # error 2 on 1 of 4 pixels: MSE 1, 10 log10(4 / 1) = 6.02 dB
+    restored[1, 0, 0, 0] = 0.0    # error 1: MSE 1/4, 12.04 dB
+    s = restoration_scores(restored, corrupted, clean)
+    exact = 10 * math.log10(4 / 1e-12)  # the floor: 126.02 dB
+    assert (s["images"], s["changed"]) == (2, 1)
+    assert s["before"] == pytest.approx((exact + 10 * math.log10(4)) / 2, abs=1e-4)
+    assert s["after"] == pytest.approx((exact + 10 * math.log10(16)) / 2, abs=1e-4)
+    assert s["changed_before"] == pytest.approx(10 * math.log10(4), abs=1e-4)
+    assert s["changed_after"] == pytest.approx(10 * math.log10(16), abs=1e-4)
+    assert s["pooled_before"] == pytest.approx(10 * math.log10(8), abs=1e-4)   # MSE 4 / 8 pixels
+    assert s["pooled_after"] == pytest.approx(10 * math.log10(32), abs=1e-4)   # MSE 1 / 8 pixels
+    assert "changed_before" not in restoration_scores(clean, clean, clean)
 
 
 def test_auto_follows_what_the_model_was_taught(linear_f, digits):
