@@ -10,6 +10,9 @@ TORCH := $(if $(HAS_GPU),torch,torch==2.13.0 triton==3.6.0)
 SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 2000
+# The demo's recipe (docs/NAIGN.md, "λ retuned"): a larger IMLE weight keeps all ten digit classes at >= 5% on
+# every seed measured, and a small denoising term keeps noisy digits projecting at >= 20.4 dB.
+DEMO_FLAGS ?= --lambda-imle 4 --lambda-restore 0.5 --restore-corruptions noise
 
 .PHONY: setup demo test bench clean
 
@@ -29,7 +32,8 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 demo: setup
-	$(VENV)/bin/ign-fast train --overwrite --out $(DEMO_OUT) --steps $(DEMO_STEPS) --sample-every 500 --checkpoint-every 500
+	$(VENV)/bin/ign-fast train --overwrite --out $(DEMO_OUT) --steps $(DEMO_STEPS) --sample-every 500 --checkpoint-every 500 \
+		$(DEMO_FLAGS)
 	$(VENV)/bin/ign-fast project $(DEMO_OUT) --corruption noise
 	$(VENV)/bin/ign-fast project $(DEMO_OUT) --corruption mask
 	@echo "samples: $(DEMO_OUT)/samples.png   projections: $(DEMO_OUT)/project/"
