@@ -41,12 +41,12 @@ def benchmark(n=256, seed=0):
     return clean, op, y
 
 
-def train_regressor(name, steps, batch, lr, seed):
+def train_regressor(name, steps, batch, lr, seed, width=32, loss_kind="mse"):
     torch.manual_seed(seed)
     data = load_mnist5k("train")[0]
     # the demo's network (GroupNorm DCGAN 28, width 32, latent 64), or a U-Net of the same first width
-    kwargs = ({"in_channels": 1, "image_size": 28, "width": 32, "depth": 3} if name == "unet"
-              else {"in_channels": 1, "width": 32, "latent_dim": 64, "norm": "group"})
+    kwargs = ({"in_channels": 1, "image_size": 28, "width": width, "depth": 3} if name == "unet"
+              else {"in_channels": 1, "width": width, "latent_dim": 64, "norm": "group"})
     model = build_model(name, **kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     start = time.perf_counter()
@@ -54,12 +54,16 @@ def train_regressor(name, steps, batch, lr, seed):
         x = data[torch.randint(len(data), (batch,))]
         keep = square_masks(batch, 28, 28, (10, 14), x.device)
         inp = torch.where(keep, x, torch.full_like(x, MISSING_FILL))
-        loss = ((model(inp) - x).square() * (~keep)).sum() / (~keep).sum()
+        err = ((model(inp) - x).square() * (~keep)).flatten(1).sum(1) / (~keep).flatten(1).sum(1)
+        # "mse": the posterior mean, what pooled PSNR scores; "logmse": the mean of each image's log error,
+        # what the mean of per-image PSNRs scores (10 log10(4 / mse) is affine in log mse)
+        loss = err.mean() if loss_kind == "mse" else (err + 1e-4).log().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 500 == 0 or step == steps - 1:
-            print(f"{name} step {step} hole mse {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(f"{name} step {step} hole mse {err.mean().item():.4f} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
     return model.eval(), time.perf_counter() - start
 
 
@@ -80,6 +84,8 @@ def main():
     p.add_argument("--model", choices=("dcgan28", "unet", "knn", "none"), default="dcgan28",
                    help="the regressor's network, knn (nearest training digits, no training) or none")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--width", type=int, default=32, help="the network's first width (the demo's: 32)")
+    p.add_argument("--loss", choices=("mse", "logmse"), default="mse", help="the regressor's loss on the hole")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -94,11 +100,12 @@ def main():
             restored = op.consistent(knn_fill(y, op.known.expand_as(y)), y)
         results["nearest training digits (k 16)"] = restoration_scores(restored, corrupted, clean)
     elif args.model != "none":
-        model, seconds = train_regressor(args.model, args.steps, args.batch, args.lr, args.seed)
+        model, seconds = train_regressor(args.model, args.steps, args.batch, args.lr, args.seed,
+                                         args.width, args.loss)
         with torch.no_grad():
             restored = op.consistent(model(op.initial(y)), y)
-        results[f"regressor {args.model} {args.steps} steps"] = dict(restoration_scores(restored, corrupted, clean),
-                                                                     train_seconds=round(seconds))
+        name = f"regressor {args.model} w{args.width} {args.loss} {args.steps} steps"
+        results[name] = dict(restoration_scores(restored, corrupted, clean), train_seconds=round(seconds))
     for run in args.runs:
         with torch.no_grad():
             restored = Projector.load(run).restore(y, op, method="auto", seed=0).cpu()
