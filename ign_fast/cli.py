@@ -282,15 +282,24 @@ def corrupt(images, kind, generator, noise_std=0.5):
     raise UsageError(f"--corruption must be noise, mask or sketch; got {kind!r}")
 
 
+MSE_FLOOR = 1e-12  # an exact image scores 10 log10(4 / 1e-12) = 126 dB on [-1, 1], not infinity
+
+
+def per_image_psnr(a, b, peak_to_peak=2.0):
+    """[B]: each image's PSNR, its MSE floored at MSE_FLOOR."""
+    mse = (a.float() - b.float()).square().flatten(1).mean(1).clamp_min(MSE_FLOOR)
+    return 10 * torch.log10(peak_to_peak ** 2 / mse)
+
+
 def psnr(a, b, peak_to_peak=2.0):
-    """The mean over images of each image's PSNR (MSE floored at 1e-12: 126 dB for an exact image)."""
-    mse = (a.float() - b.float()).square().flatten(1).mean(1).clamp_min(1e-12)
-    return (10 * torch.log10(peak_to_peak ** 2 / mse)).mean().item()
+    """The mean over images of each image's PSNR (126 dB for an exact image)."""
+    return per_image_psnr(a, b, peak_to_peak).mean().item()
 
 
 def pooled_psnr(a, b, peak_to_peak=2.0):
     """The PSNR of the mean squared error over every pixel of every image (torchmetrics' default reduction)."""
-    return (10 * torch.log10(peak_to_peak ** 2 / (a.float() - b.float()).square().mean().clamp_min(1e-12))).item()
+    mse = (a.float() - b.float()).square().mean().clamp_min(MSE_FLOOR)
+    return (10 * torch.log10(peak_to_peak ** 2 / mse)).item()
 
 
 def restoration_scores(restored, corrupted, clean):
@@ -298,13 +307,14 @@ def restoration_scores(restored, corrupted, clean):
     square on empty background): every image's PSNR averaged (`psnr`: such an image scores the 126 dB floor
     before, which a restoration that moves any of its pixels cannot keep), the same over the images the
     corruption changed, and pooled over all pixels."""
+    before, after = per_image_psnr(corrupted, clean), per_image_psnr(restored, clean)
     changed = (corrupted.float() != clean.float()).flatten(1).any(1)
     scores = {"images": int(clean.shape[0]), "changed": int(changed.sum()),
-              "before": psnr(corrupted, clean), "after": psnr(restored, clean),
+              "before": before.mean().item(), "after": after.mean().item(),
               "pooled_before": pooled_psnr(corrupted, clean), "pooled_after": pooled_psnr(restored, clean)}
     if changed.any():
-        scores["changed_before"] = psnr(corrupted[changed], clean[changed])
-        scores["changed_after"] = psnr(restored[changed], clean[changed])
+        scores["changed_before"] = before[changed].mean().item()
+        scores["changed_after"] = after[changed].mean().item()
     return scores
 
 
