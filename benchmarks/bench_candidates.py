@@ -6,7 +6,9 @@ machine load hits them alike; the report is the median per-step time of each and
 timing, every warm-up step must have produced finite losses.
 
   OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py [--rounds 4 --steps 24]            # k 8 against 16
-  OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --demo-recipe --configs 8:4 16:8   # make demo, old/new
+  OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --demo-recipe --configs 8:4:1024 16:8:1024 16:8
+      # make demo's pool settings, old and new, with f over the candidates in chunks of 1,024 (before) and as the
+      # step chooses (256 on a CPU)
 """
 import argparse
 import math
@@ -24,34 +26,42 @@ DEMO_RECIPE = dict(lambda_imle=4.0, lambda_restore=0.5, restore_corruptions="noi
 
 
 def parse_config(text):
+    """K:R or K:R:CHUNK -> (k, r, chunk or None)."""
+    parts = text.split(":")
     try:
-        k, r = (int(part) for part in text.split(":"))
+        if len(parts) not in (2, 3):
+            raise ValueError
+        values = [int(part) for part in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a configuration is K:R (candidates:refresh-every), got {text!r}")
-    if k < 1 or r < 1:
-        raise argparse.ArgumentTypeError(f"K and R must be >= 1, got {text!r}")
-    return k, r
+        raise argparse.ArgumentTypeError(f"a configuration is K:R or K:R:CHUNK (candidates:refresh-every:candidate "
+                                         f"chunk), got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"K, R and CHUNK must be >= 1, got {text!r}")
+    return tuple(values) if len(values) == 3 else (*values, None)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24, help="steps per round and trainer")
-    parser.add_argument("--configs", type=parse_config, nargs="+", default=[(8, 4), (16, 4)],
-                        help="K:R pairs, candidates per data point and steps between pools (default 8:4 16:4)")
+    parser.add_argument("--configs", type=parse_config, nargs="+", default=[(8, 4, None), (16, 4, None)],
+                        help="K:R[:CHUNK], candidates per data point, steps between pools and the candidates f makes "
+                             "at once (default: the step's choice); default 8:4 16:4")
     parser.add_argument("--demo-recipe", action="store_true",
                         help="with make demo's λ_imle 4 and noise restoration term (default: train's defaults)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     extra = DEMO_RECIPE if args.demo_recipe else {}
     trainers = {}
-    for k, r in args.configs:
+    for k, r, chunk in args.configs:
         out = os.path.join(tempfile.mkdtemp(), "run")
-        trainers[k, r] = Trainer(TrainConfig(out=out, candidates=k, refresh_every=r, steps=10 ** 6, progress=False,
-                                             sample_every=10 ** 6, checkpoint_every=10 ** 6, **extra))
+        trainer = Trainer(TrainConfig(out=out, candidates=k, refresh_every=r, steps=10 ** 6, progress=False,
+                                      sample_every=10 ** 6, checkpoint_every=10 ** 6, **extra))
+        trainer.step_fn.candidate_chunk = chunk
         for _ in range(2 * r):  # at least two pool refreshes
-            terms = trainers[k, r].train_step()
-            assert all(math.isfinite(v) for v in terms.values()), (k, r, terms)
+            terms = trainer.train_step()
+            assert all(math.isfinite(v) for v in terms.values()), (k, r, chunk, terms)
+        trainers[k, r, chunk] = trainer
     times = {key: [] for key in trainers}
     for _ in range(args.rounds):
         for key, trainer in trainers.items():
@@ -60,10 +70,13 @@ def main():
                 trainer.train_step()
             times[key].append((time.perf_counter() - start) / args.steps)
     first = next(iter(times))
-    for (k, r), ts in times.items():
+    def name(k, r, chunk):
+        return f"k = {k:2d}, R = {r:2d}, chunk {chunk or 'auto'}"
+
+    for key, ts in times.items():
         ratio = statistics.median(ts) / statistics.median(times[first])
-        print(f"k = {k:2d}, R = {r:2d}: ms per step by round " + ", ".join(f"{t * 1000:.1f}" for t in ts)
-              + f"; median {statistics.median(ts) * 1000:.1f}, {ratio:.2f}x k = {first[0]}, R = {first[1]}")
+        print(f"{name(*key)}: ms per step by round " + ", ".join(f"{t * 1000:.1f}" for t in ts)
+              + f"; median {statistics.median(ts) * 1000:.1f}, {ratio:.2f}x {name(*first)}")
 
 
 if __name__ == "__main__":

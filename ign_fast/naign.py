@@ -70,8 +70,25 @@ class NAIGNLoss(torch.nn.Module):
         return total, rec, imle, idem
 
 
+# f runs over the k·B candidates in chunks. On a CPU one chunk of 1,024 DCGAN-28 forwards spills the caches: make
+# demo's step (k 16, R 8) took 1.11x the old demo step (k 8, R 4) in chunks of 1,024 and 1.00x in chunks of 256
+# (benchmarks/bench_candidates.py, one thread). On a GPU one large chunk is fewer launches. A
+# model whose batch statistics couple its samples (BatchNorm in training mode) keeps 1,024 everywhere: for it the
+# chunk is part of what f computes, and changing it would change the candidates.
+CANDIDATE_CHUNK = 1024
+CPU_CANDIDATE_CHUNK = 256
+
+
+def candidate_chunk_for(model, device):
+    """The chunk NAIGNStep uses when it is given none: CPU_CANDIDATE_CHUNK on a CPU for a model without batch
+    coupling, else CANDIDATE_CHUNK."""
+    if torch.device(device).type == "cpu" and not has_batch_coupling(model):
+        return CPU_CANDIDATE_CHUNK
+    return CANDIDATE_CHUNK
+
+
 @torch.no_grad()
-def generate_candidates(model, z, chunk_size=1024):
+def generate_candidates(model, z, chunk_size=CANDIDATE_CHUNK):
     """f(z) with the model's current weights, no autograd, the model's buffers untouched."""
     state = frozen_state(model)
     outs = [functional_call(model, state, (chunk,)) for chunk in z.split(chunk_size)]
@@ -91,9 +108,10 @@ class NAIGNStep:
     outside the graph and copied into it; "fused" on CPU). check_inputs: reject NaN/inf in x and z_pool (a
     host sync per step; the trainer checks its data once at load). skip_nonfinite and grad_sync: as in IGNStep
     (a non-finite loss leaves the weights untouched, decided on the device in mode="graph";
-    grad_sync averages gradients across ranks between backward and the update)."""
+    grad_sync averages gradients across ranks between backward and the update). candidate_chunk: how many
+    candidates f makes at once (None: candidate_chunk_for, 256 on a CPU, 1,024 elsewhere)."""
 
-    def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=1024, amp_dtype=None,
+    def __init__(self, model, optimizer, loss=None, sample_noise=None, candidate_chunk=None, amp_dtype=None,
                  check_inputs=True, skip_nonfinite=True, mode="fused", corrupt=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -104,7 +122,8 @@ class NAIGNStep:
             raise TypeError(f"loss must be an ign_fast.NAIGNLoss, got {type(loss).__name__}")
         if sample_noise is not None and not callable(sample_noise):
             raise TypeError(f"sample_noise must be callable (n -> noise) or None, got {type(sample_noise).__name__}")
-        candidate_chunk = check_positive_int("candidate_chunk", candidate_chunk)
+        if candidate_chunk is not None:  # None: candidate_chunk_for(model, the data's device), chosen per call
+            candidate_chunk = check_positive_int("candidate_chunk", candidate_chunk)
         if amp_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
         for name, flag in (("check_inputs", check_inputs), ("skip_nonfinite", skip_nonfinite)):
@@ -182,8 +201,8 @@ class NAIGNStep:
         if candidates is None:
             gather = self.candidate_gather
             own = z_pool if gather is None else gather.local(z_pool)
-            candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, own,
-                                                                                  self.candidate_chunk), own)
+            chunk = self.candidate_chunk or candidate_chunk_for(self.model, own.device)
+            candidates = check_output("candidates f(z_pool)", generate_candidates(self.model, own, chunk), own)
             if gather is not None:
                 candidates = gather.gather(candidates)
         index, nn_distance = ops.nearest_neighbors(x, candidates, self.loss.distance)

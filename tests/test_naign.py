@@ -85,3 +85,44 @@ def test_toy_sets_resolve_their_own_step_count():
     assert TrainConfig(objective="naign", data="mnist5k").resolved().steps == 2000
     assert TrainConfig(objective="ign", data="moons").resolved().steps == 2000
     assert TrainConfig(objective="naign", data="rings", steps=10).resolved().steps == 10
+
+
+def test_candidate_chunk_follows_the_device_and_batch_coupling():
+    from ign_fast.models import DCGAN28
+    from ign_fast.naign import CANDIDATE_CHUNK, CPU_CANDIDATE_CHUNK, candidate_chunk_for
+
+    group, batch = DCGAN28(1, 8, 4, norm="group"), DCGAN28(1, 8, 4, norm="batch")
+    assert CPU_CANDIDATE_CHUNK < CANDIDATE_CHUNK
+    assert candidate_chunk_for(group, "cpu") == CPU_CANDIDATE_CHUNK
+    assert candidate_chunk_for(group, torch.device("cuda", 0)) == CANDIDATE_CHUNK
+    assert candidate_chunk_for(batch, "cpu") == CANDIDATE_CHUNK  # the chunk is part of what BatchNorm computes
+    batch.eval()
+    assert candidate_chunk_for(batch, "cpu") == CPU_CANDIDATE_CHUNK  # running statistics: no coupling
+
+
+def test_candidates_do_not_depend_on_the_chunk_without_batch_coupling():
+    from ign_fast.models import DCGAN28
+    from ign_fast.naign import generate_candidates
+
+    torch.manual_seed(0)
+    model = DCGAN28(1, 8, 4, norm="group").double()
+    z = torch.randn(37, 1, 28, 28, dtype=torch.float64)  # not a multiple of either chunk
+    torch.testing.assert_close(generate_candidates(model, z, 5), generate_candidates(model, z, 1024),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_step_uses_the_cpu_chunk_when_given_none(monkeypatch):
+    import ign_fast.naign as naign
+    from ign_fast.models import DCGAN28
+
+    seen = []
+    real = naign.generate_candidates
+    monkeypatch.setattr(naign, "generate_candidates", lambda m, z, chunk: seen.append(chunk) or real(m, z, chunk))
+    model = DCGAN28(1, 8, 4, norm="group")
+    step = ign_fast.NAIGNStep(model, torch.optim.Adam(model.parameters()),
+                              loss=ign_fast.NAIGNLoss(candidates_per_sample=2))
+    step(torch.rand(3, 1, 28, 28) * 2 - 1, torch.randn(6, 1, 28, 28))
+    given = ign_fast.NAIGNStep(model, torch.optim.Adam(model.parameters()),
+                               loss=ign_fast.NAIGNLoss(candidates_per_sample=2), candidate_chunk=4)
+    given(torch.rand(3, 1, 28, 28) * 2 - 1, torch.randn(6, 1, 28, 28))
+    assert seen == [naign.CPU_CANDIDATE_CHUNK, 4]
