@@ -49,6 +49,12 @@ RECIPES = {
     "hybrid-code-group": ["--norm", "group", "--lambda-imle", "20"],
     "hybrid-code-group-strong": ["--norm", "group", "--lambda-imle", "40"],
     "hybrid-code-group-stronger": ["--norm", "group", "--lambda-imle", "80"],
+    # the hybrid with the tightness weight warmed up from 0: on seeds 1 and 2 the plain hybrid spent its first
+    # 2,000 steps with 40-57% of its samples on one gray glyph, the tightness term's collapse
+    "hybrid-code-group-strong-warmup": ["--norm", "group", "--lambda-imle", "40", "--tight-warmup", "1000",
+                                        "--tight-warmup-shape", "exp"],
+    "hybrid-code-group-stronger-warmup": ["--norm", "group", "--lambda-imle", "80", "--tight-warmup", "1000",
+                                          "--tight-warmup-shape", "exp"],
     # the other way round: NAIGN (its k·B-candidate IMLE pull, the demo's settings) with IGN's tightness term on
     # the pulled samples, λ_t at the paper's ratio to λ_rec (2.5 / 20), alone and with the idempotence term
     "hybrid-naign-tight": ["--objective", "naign", "--lambda-tight", "0.125"],
