@@ -49,7 +49,10 @@ def main():
     if args.pool < args.n:
         parser.error(f"--pool must be >= --n ({args.n}), got {args.pool}")
 
-    projector = Projector.load(args.run)
+    try:
+        projector = Projector.load(args.run)
+    except (OSError, ValueError, RuntimeError) as error:  # a missing or unreadable run: one line, no traceback
+        parser.error(f"run: {error}")
     classifier = load_digit_classifier()
     train, _ = load_mnist5k("train")
     heldout, _ = load_mnist5k("test")
