@@ -40,6 +40,10 @@ def parse_config(text):
     return tuple(values) if len(values) == 3 else (*values, None)
 
 
+def describe(k, r, chunk):
+    return f"k = {k:2d}, R = {r:2d}, chunk {chunk or 'auto'}"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
@@ -70,13 +74,10 @@ def main():
                 trainer.train_step()
             times[key].append((time.perf_counter() - start) / args.steps)
     first = next(iter(times))
-    def name(k, r, chunk):
-        return f"k = {k:2d}, R = {r:2d}, chunk {chunk or 'auto'}"
-
     for key, ts in times.items():
         ratio = statistics.median(ts) / statistics.median(times[first])
-        print(f"{name(*key)}: ms per step by round " + ", ".join(f"{t * 1000:.1f}" for t in ts)
-              + f"; median {statistics.median(ts) * 1000:.1f}, {ratio:.2f}x {name(*first)}")
+        print(f"{describe(*key)}: ms per step by round " + ", ".join(f"{t * 1000:.1f}" for t in ts)
+              + f"; median {statistics.median(ts) * 1000:.1f}, {ratio:.2f}x {describe(*first)}")
 
 
 if __name__ == "__main__":

@@ -285,10 +285,13 @@ def corrupt(images, kind, generator, noise_std=0.5):
 MSE_FLOOR = 1e-12  # an exact image scores 10 log10(4 / 1e-12) = 126 dB on [-1, 1], not infinity
 
 
+def _psnr_of_mse(mse, peak_to_peak):
+    return 10 * torch.log10(peak_to_peak ** 2 / mse.clamp_min(MSE_FLOOR))
+
+
 def per_image_psnr(a, b, peak_to_peak=2.0):
     """[B]: each image's PSNR, its MSE floored at MSE_FLOOR."""
-    mse = (a.float() - b.float()).square().flatten(1).mean(1).clamp_min(MSE_FLOOR)
-    return 10 * torch.log10(peak_to_peak ** 2 / mse)
+    return _psnr_of_mse((a.float() - b.float()).square().flatten(1).mean(1), peak_to_peak)
 
 
 def psnr(a, b, peak_to_peak=2.0):
@@ -298,8 +301,7 @@ def psnr(a, b, peak_to_peak=2.0):
 
 def pooled_psnr(a, b, peak_to_peak=2.0):
     """The PSNR of the mean squared error over every pixel of every image (torchmetrics' default reduction)."""
-    mse = (a.float() - b.float()).square().mean().clamp_min(MSE_FLOOR)
-    return (10 * torch.log10(peak_to_peak ** 2 / mse)).item()
+    return _psnr_of_mse((a.float() - b.float()).square().mean(), peak_to_peak).item()
 
 
 def restoration_scores(restored, corrupted, clean):
