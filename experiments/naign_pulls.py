@@ -90,6 +90,8 @@ def main():
         if "=" not in item:
             parser.error(f"--set takes FIELD=VALUE, got {item!r}")
         field, value = item.split("=", 1)
+        if field not in TrainConfig.__dataclass_fields__:
+            parser.error(f"--set: TrainConfig has no field {field!r}")
         config[field] = parse_value(value)
     Trainer(TrainConfig(**config)).fit()
 
