@@ -7,6 +7,10 @@ Four readings on the package's classifier features, against the 1,000 held-out M
 - f(z) resampled to the held-out digits' class shares (by the classifier's labels): how much of the FID is the
   classes' proportions rather than the digits within them.
 
+Then, for the real training digits and for f(z): FID split into its two terms, |mean difference|^2 and the
+covariance term (the rest); precision and recall (PRDC, k 5) against the held-out digits; and the per-pixel
+standard deviation across the images (in [0, 1] ink), how much the digits vary.
+
     python experiments/fid_diagnosis.py runs/demo [--n 5000] [--pool 15000] [--seed 0]
 """
 import argparse
@@ -15,7 +19,7 @@ import torch
 
 from ign_fast import Projector
 from ign_fast.data import load_mnist5k
-from ign_fast.metrics import _classifier_outputs, frechet_distance, load_digit_classifier
+from ign_fast.metrics import _classifier_outputs, frechet_distance, load_digit_classifier, prdc
 
 
 def projected(projector, images, chunk=500):
@@ -78,6 +82,15 @@ def main():
         print(f"{name:55s} FID {fid:6.2f}")
     shares = torch.bincount(sample_labels, minlength=10).float() / sample_labels.numel()
     print("f(z) class shares 0-9: " + " ".join(f"{s:.3f}" for s in shares.tolist()))
+    fz = sample_feats[:args.n]
+    for name, images, feats in (("real training digits", train, train_feats),
+                                (f"f(z), {args.n} samples", samples[:args.n], fz)):
+        mean_term = (feats.double().mean(0) - held_feats.double().mean(0)).square().sum().item()
+        fid = frechet_distance(feats, held_feats)
+        pr = prdc(held_feats, feats, k=5)
+        spread = ((images + 1) / 2).flatten(1).std(0).mean().item()
+        print(f"{name:30s} FID {fid:5.2f} = means {mean_term:4.2f} + covariances {fid - mean_term:4.2f}; "
+              f"precision {pr['precision']:.2f} recall {pr['recall']:.2f}; per-pixel std {spread:.3f}")
 
 
 if __name__ == "__main__":

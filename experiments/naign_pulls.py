@@ -1,18 +1,35 @@
-"""Two extra pulls tried on NAIGN and not adopted (issue 14, docs/NAIGN.md "What holds FID up").
+"""Changes to which samples NAIGN pulls, tried and not adopted (issue 14, docs/NAIGN.md "What holds FID up" and
+"Recall is the gap").
 
 IMLE pulls, for every training digit, the nearest of the k·B candidates onto it; the samples no digit chose are
-never pulled, and some of them are blends of two digits. Each variant adds one more batch through f a step:
+never pulled, and some of them are blends of two digits. reverse and second add one more batch through f a step;
+the others change the search (and multiscale the distance) and cost about what the plain step does. Each one's
+result is in docs/NAIGN.md:
 
 - reverse: B random samples f(z) of the pool are pulled onto their nearest real digit in a bank of the last
   BANK data batches (LAMBDA times the loss's distance). On MNIST-5k it made f copy its training digits.
   Trained on the "λ retuned" demo recipe (lr 5e-4, k 8, R 4), the demo of the time.
 - second: every digit also pulls its second-nearest candidate (weight LAMBDA). It trains twice as many samples
   a step and moved FID within the evaluation noise. Trained on today's demo recipe (lr 2e-3, k 16, R 8).
+- rejection (RS-IMLE, Vashist, Peng & Li, ECCV 2024): no extra forward; the search skips every candidate within
+  EPSILON (the loss's distance) of any digit of the batch, so each digit pulls the nearest candidate that is not
+  already on the data. Today's demo recipe. On MNIST-5k its samples became ones.
+- unique: each candidate is pulled at most once per pool: within a batch digits take the nearest candidate not
+  yet taken (greedily, the closest pairs first), and a candidate pulled in one step is not searched again until
+  the pool is refreshed (its recorded f(z) is stale: it has moved toward the digit that pulled it). Today's
+  demo recipe. Recall fell.
+- multiscale: every distance NAIGN takes (the search, the pull, reconstruction, restoration) becomes mean l1
+  at full resolution plus WEIGHT x (mean l1 of the images average-pooled 2x + mean l1 pooled 4x), so that digits
+  match candidates by shape more than by exact stroke position. Today's demo recipe. Recall fell.
 
     python experiments/naign_pulls.py reverse OUT SEED LAMBDA --bank 32 [--set field=value ...]
     python experiments/naign_pulls.py second OUT SEED LAMBDA [--set field=value ...]
+    python experiments/naign_pulls.py rejection OUT SEED EPSILON [--set field=value ...]
+    python experiments/naign_pulls.py unique OUT SEED 0 [--set field=value ...]
+    python experiments/naign_pulls.py multiscale OUT SEED WEIGHT [--set field=value ...]
 
-then `ign-fast eval OUT`. --set passes more TrainConfig fields.
+then `ign-fast eval OUT`. --set passes more TrainConfig fields. rejection and unique print the share of the
+pool they kept out of the search, by quarter of training.
 """
 import argparse
 
@@ -46,6 +63,80 @@ def second_pull(step, x, z_pool, searched, weight):
     return weight * ops.per_sample_distance(step.model(z_pool.index_select(0, second)), x, step.loss.distance).mean()
 
 
+def rejecting_nearest(epsilon, counts):
+    """ops.nearest_neighbors that never returns a candidate within epsilon of any query (a row whose every
+    candidate is that close keeps its plain nearest); counts gathers the share of candidates rejected."""
+    plain = ops.nearest_neighbors
+
+    def nearest(queries, candidates, metric="l2"):
+        q, c = queries.flatten(1).float(), candidates.flatten(1).float()
+        dist = torch.cdist(q, c, p=1 if metric == "l1" else 2)
+        dist = dist / q.shape[1] if metric == "l1" else dist.square() / q.shape[1]
+        close = dist.min(0).values < epsilon
+        counts.append(close.float().mean().item())
+        kept = dist.masked_fill(close, float("inf"))
+        index = kept.argmin(1)
+        if bool((~torch.isfinite(kept.gather(1, index[:, None]))).any()):
+            return plain(queries, candidates, metric)
+        return index, dist.gather(1, index[:, None])[:, 0].to(queries.dtype if queries.is_floating_point()
+                                                               else torch.float32)
+
+    return nearest
+
+
+def unique_nearest(counts):
+    """ops.nearest_neighbors where no candidate is matched twice between two refreshes of the pool (a new
+    candidates tensor); counts gathers, per call, the share of the pool already taken before it."""
+    taken = {"key": None, "mask": None}
+
+    def nearest(queries, candidates, metric="l2"):
+        q, c = queries.flatten(1).float(), candidates.flatten(1).float()
+        dist = torch.cdist(q, c, p=1 if metric == "l1" else 2)
+        dist = dist / q.shape[1] if metric == "l1" else dist.square() / q.shape[1]
+        # a refresh makes new candidates, whose memory may reuse the old ones': know them by their values too
+        key = (candidates.data_ptr(), c.shape[0], float(c[0].sum()), float(c[-1].sum()))
+        if taken["key"] != key or taken["mask"] is None:
+            taken["key"], taken["mask"] = key, torch.zeros(c.shape[0], dtype=torch.bool, device=c.device)
+        mask = taken["mask"]
+        if int(mask.sum()) + q.shape[0] > c.shape[0]:  # not enough left for every digit: start over
+            mask.zero_()
+        counts.append(mask.float().mean().item())
+        free = dist.masked_fill(mask, float("inf"))
+        index = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+        for row in free.min(1).values.argsort().tolist():  # the closest digits choose first
+            j = int(free[row].argmin())
+            index[row] = j
+            free[:, j] = float("inf")
+            mask[j] = True
+        return index, dist.gather(1, index[:, None])[:, 0]
+
+    return nearest
+
+
+def multiscale_ops(weight):
+    """A stand-in for ign_fast.ops inside ign_fast.naign whose two distances are multiscale l1."""
+    import types
+
+    import torch.nn.functional as F
+
+    def scales(x):
+        x = x.float()
+        return [x.flatten(1), F.avg_pool2d(x, 2).flatten(1), F.avg_pool2d(x, 4).flatten(1)]
+
+    def per_sample_distance(a, b, kind="l1"):
+        parts = [(p - q).abs().mean(1) for p, q in zip(scales(a), scales(b))]
+        return parts[0] + weight * (parts[1] + parts[2])
+
+    def nearest_neighbors(queries, candidates, metric="l1"):
+        dist = 0
+        for i, (q, c) in enumerate(zip(scales(queries), scales(candidates))):
+            dist = dist + (1.0 if i == 0 else weight) * torch.cdist(q, c, p=1) / q.shape[1]
+        distance, index = dist.min(1)
+        return index, distance
+
+    return types.SimpleNamespace(per_sample_distance=per_sample_distance, nearest_neighbors=nearest_neighbors)
+
+
 def with_extra_term(term):
     """NAIGNStep._forward with term(step, x, z_pool, the candidates searched) added to its total."""
     forward = NAIGNStep._forward
@@ -69,10 +160,10 @@ def parse_value(value):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("variant", choices=("reverse", "second"))
+    parser.add_argument("variant", choices=("reverse", "second", "rejection", "unique", "multiscale"))
     parser.add_argument("out")
     parser.add_argument("seed", type=int)
-    parser.add_argument("weight", type=float, help="the extra term's weight (LAMBDA)")
+    parser.add_argument("weight", type=float, help="the extra term's weight (LAMBDA), or rejection's EPSILON")
     parser.add_argument("--bank", type=int, default=32, help="reverse: data batches kept to search (default 32)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="more TrainConfig fields")
     args = parser.parse_args()
@@ -80,9 +171,19 @@ def main():
         NAIGNStep._forward = with_extra_term(
             lambda step, x, z, searched: reverse_pull(step, x, z, searched, args.weight, args.bank))
         base = LAMBDA_RETUNED
-    else:
+    elif args.variant == "second":
         NAIGNStep._forward = with_extra_term(
             lambda step, x, z, searched: second_pull(step, x, z, searched, args.weight))
+        base = DEMO
+    elif args.variant == "multiscale":
+        import ign_fast.naign
+
+        ign_fast.naign.ops = multiscale_ops(args.weight)
+        base = DEMO
+    else:
+        counts = []
+        make = unique_nearest(counts) if args.variant == "unique" else rejecting_nearest(args.weight, counts)
+        ops.nearest_neighbors = make  # naign calls ops.nearest_neighbors
         base = DEMO
     config = dict(base, out=args.out, seed=args.seed, steps=2000, sample_every=500, checkpoint_every=500,
                   progress=False)
@@ -93,7 +194,16 @@ def main():
         if field not in TrainConfig.__dataclass_fields__:
             parser.error(f"--set: TrainConfig has no field {field!r}")
         config[field] = parse_value(value)
-    Trainer(TrainConfig(**config)).fit()
+    try:
+        trainer = Trainer(TrainConfig(**config))
+    except (ValueError, TypeError) as error:  # a used run folder, a bad --set value: one line
+        parser.error(str(error))
+    trainer.fit()
+    if args.variant in ("rejection", "unique"):
+        what = "rejected" if args.variant == "rejection" else "already taken"
+        quarters = [counts[i:i + len(counts) // 4] for i in range(0, len(counts), max(1, len(counts) // 4))]
+        print(f"share of candidates {what}, by quarter of training: "
+              + " ".join(f"{sum(part) / len(part):.3f}" for part in quarters if part))
 
 
 if __name__ == "__main__":
