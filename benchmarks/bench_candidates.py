@@ -1,5 +1,5 @@
-"""Trainer step time of NAIGN for different candidates per data point k and pool refresh intervals R
-(docs/NAIGN.md, issue 14).
+"""Trainer step time of NAIGN for different candidates per data point k, pool refresh intervals R, candidate
+chunks and idempotence weights (docs/NAIGN.md, issue 14).
 
 The trainers (the demo's configuration otherwise) live in one process and are timed in alternating rounds, so
 machine load hits them alike; the report is the median per-step time of each and its ratio to the first. Before
@@ -9,6 +9,8 @@ timing, every warm-up step must have produced finite losses.
   OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --demo-recipe --configs 8:4:1024 16:8:1024 16:8
       # make demo's pool settings, old and new, with f over the candidates in chunks of 1,024 (before) and as the
       # step chooses (256 on a CPU)
+  OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --demo-recipe --configs 16:8 16:8:auto:0.25
+      # make demo's step without and with the idempotence term (λ_idem 0.25: one more f on the pulled samples)
 """
 import argparse
 import math
@@ -26,46 +28,50 @@ DEMO_RECIPE = dict(lambda_imle=4.0, lambda_restore=0.5, restore_corruptions="noi
 
 
 def parse_config(text):
-    """K:R or K:R:CHUNK -> (k, r, chunk or None)."""
+    """K:R[:CHUNK[:IDEM]] -> (k, r, chunk or None, λ_idem); CHUNK "auto" (or absent): the step's choice."""
     parts = text.split(":")
     try:
-        if len(parts) not in (2, 3):
+        if len(parts) not in (2, 3, 4):
             raise ValueError
-        values = [int(part) for part in parts]
+        k, r = int(parts[0]), int(parts[1])
+        chunk = None if len(parts) < 3 or parts[2] == "auto" else int(parts[2])
+        idem = float(parts[3]) if len(parts) == 4 else 0.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a configuration is K:R or K:R:CHUNK (candidates:refresh-every:candidate "
-                                         f"chunk), got {text!r}")
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"K, R and CHUNK must be >= 1, got {text!r}")
-    return tuple(values) if len(values) == 3 else (*values, None)
+        raise argparse.ArgumentTypeError(f"a configuration is K:R[:CHUNK[:IDEM]] (candidates:refresh-every:candidate "
+                                         f"chunk or auto:idempotence weight), got {text!r}")
+    if min(k, r, chunk or 1) < 1 or not (math.isfinite(idem) and idem >= 0):
+        raise argparse.ArgumentTypeError(f"K, R and CHUNK must be >= 1 and IDEM a number >= 0, got {text!r}")
+    return k, r, chunk, idem
 
 
-def describe(k, r, chunk):
-    return f"k = {k:2d}, R = {r:2d}, chunk {chunk or 'auto'}"
+def describe(k, r, chunk, idem):
+    return f"k = {k:2d}, R = {r:2d}, chunk {chunk or 'auto'}" + (f", λ_idem {idem:g}" if idem else "")
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24, help="steps per round and trainer")
-    parser.add_argument("--configs", type=parse_config, nargs="+", default=[(8, 4, None), (16, 4, None)],
-                        help="K:R[:CHUNK], candidates per data point, steps between pools and the candidates f makes "
-                             "at once (default: the step's choice); default 8:4 16:4")
+    parser.add_argument("--configs", type=parse_config, nargs="+", default=[(8, 4, None, 0.0), (16, 4, None, 0.0)],
+                        help="K:R[:CHUNK[:IDEM]], candidates per data point, steps between pools, the candidates f "
+                             "makes at once (default or auto: the step's choice) and λ_idem (default 0); "
+                             "default 8:4 16:4")
     parser.add_argument("--demo-recipe", action="store_true",
                         help="with make demo's λ_imle 4 and noise restoration term (default: train's defaults)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     extra = DEMO_RECIPE if args.demo_recipe else {}
     trainers = {}
-    for k, r, chunk in args.configs:
+    for k, r, chunk, idem in args.configs:
         out = os.path.join(tempfile.mkdtemp(), "run")
-        trainer = Trainer(TrainConfig(out=out, candidates=k, refresh_every=r, steps=10 ** 6, progress=False,
-                                      sample_every=10 ** 6, checkpoint_every=10 ** 6, **extra))
+        trainer = Trainer(TrainConfig(out=out, candidates=k, refresh_every=r, lambda_idem=idem, steps=10 ** 6,
+                                      progress=False, sample_every=10 ** 6, checkpoint_every=10 ** 6, **extra))
         trainer.step_fn.candidate_chunk = chunk
         for _ in range(2 * r):  # at least two pool refreshes
             terms = trainer.train_step()
-            assert all(math.isfinite(v) for v in terms.values()), (k, r, chunk, terms)
-        trainers[k, r, chunk] = trainer
+            assert all(math.isfinite(v) for v in terms.values()), (k, r, chunk, idem, terms)
+            assert (terms["idem"] > 0) == (idem > 0), (idem, terms)  # the term is computed exactly when asked
+        trainers[k, r, chunk, idem] = trainer
     times = {key: [] for key in trainers}
     for _ in range(args.rounds):
         for key, trainer in trainers.items():
