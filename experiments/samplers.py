@@ -36,8 +36,11 @@ def main():
         projector = Projector.load(args.run)
     except (OSError, ValueError, RuntimeError) as error:  # a missing or unreadable run: one line, no traceback
         parser.error(f"run: {error}")
-    if projector.prior_kind == "none" or projector.num_classes is not None:
-        parser.error("run: needs an unconditional run with a prior (one that `ign-fast eval` can score)")
+    if projector.prior_kind == "none" or projector.num_classes is not None or getattr(projector, "prior", None) is None:
+        parser.error("run: needs a training run or checkpoint of an unconditional model with a prior (what "
+                     "`ign-fast eval` scores), not an exported file or a conditional run")
+    if tuple(projector.input_shape) != (1, 28, 28):
+        parser.error(f"run: scores digit models (1x28x28); this one's data has shape {tuple(projector.input_shape)}")
     torch.set_grad_enabled(False)
     classifier = load_digit_classifier()
     heldout, _ = load_mnist5k("test")
