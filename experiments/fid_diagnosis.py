@@ -57,6 +57,9 @@ def main():
         projector = Projector.load(args.run)
     except (OSError, ValueError, RuntimeError) as error:  # a missing or unreadable run: one line, no traceback
         parser.error(f"run: {error}")
+    if tuple(projector.input_shape) != (1, 28, 28) or projector.num_classes is not None:
+        parser.error(f"run: needs an unconditional digit model (1x28x28); this one's data has shape "
+                     f"{tuple(projector.input_shape)}" + (", class-conditional" if projector.num_classes else ""))
     classifier = load_digit_classifier()
     train, _ = load_mnist5k("train")
     heldout, _ = load_mnist5k("test")
