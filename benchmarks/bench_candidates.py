@@ -39,7 +39,7 @@ def parse_config(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"a configuration is K:R[:CHUNK[:IDEM]] (candidates:refresh-every:candidate "
                                          f"chunk or auto:idempotence weight), got {text!r}")
-    if min(k, r, chunk or 1) < 1 or not (math.isfinite(idem) and idem >= 0):
+    if min(k, r) < 1 or (chunk is not None and chunk < 1) or not (math.isfinite(idem) and idem >= 0):
         raise argparse.ArgumentTypeError(f"K, R and CHUNK must be >= 1 and IDEM a number >= 0, got {text!r}")
     return k, r, chunk, idem
 
