@@ -32,8 +32,10 @@ then `ign-fast eval OUT`. --set passes more TrainConfig fields. rejection and un
 pool they kept out of the search, by quarter of training.
 """
 import argparse
+import types
 
 import torch
+import torch.nn.functional as F
 
 from ign_fast import ops
 from ign_fast.naign import NAIGNStep
@@ -42,6 +44,13 @@ from ign_fast.trainer import Trainer, TrainConfig
 # the Makefile's DEMO_FLAGS as TrainConfig fields: the "λ retuned" recipe, and today's
 LAMBDA_RETUNED = dict(lambda_imle=4.0, lambda_restore=0.5, restore_corruptions="noise")
 DEMO = dict(LAMBDA_RETUNED, lr=2e-3, candidates=16, refresh_every=8)
+
+
+def distance_matrix(queries, candidates, metric):
+    """[B, M]: the distance ops.nearest_neighbors ranks by, mean |q - c| ("l1") or mean (q - c)^2 ("l2")."""
+    q, c = queries.flatten(1).float(), candidates.flatten(1).float()
+    dist = torch.cdist(q, c, p=1 if metric == "l1" else 2)
+    return dist / q.shape[1] if metric == "l1" else dist.square() / q.shape[1]
 
 
 def reverse_pull(step, x, z_pool, searched, weight, bank_batches):
@@ -56,10 +65,8 @@ def reverse_pull(step, x, z_pool, searched, weight, bank_batches):
 
 def second_pull(step, x, z_pool, searched, weight):
     """weight · d(f(z₂), x), z₂ the second-nearest candidate of each x under the loss's distance."""
-    with torch.no_grad():  # mean l1 / mean squared distance rank as cdist p = 1 / p = 2 do
-        p = 1 if step.loss.distance == "l1" else 2
-        dist = torch.cdist(x.flatten(1).float(), searched.flatten(1).float(), p=p)
-        second = dist.topk(2, dim=1, largest=False).indices[:, 1]
+    with torch.no_grad():
+        second = distance_matrix(x, searched, step.loss.distance).topk(2, dim=1, largest=False).indices[:, 1]
     return weight * ops.per_sample_distance(step.model(z_pool.index_select(0, second)), x, step.loss.distance).mean()
 
 
@@ -69,17 +76,14 @@ def rejecting_nearest(epsilon, counts):
     plain = ops.nearest_neighbors
 
     def nearest(queries, candidates, metric="l2"):
-        q, c = queries.flatten(1).float(), candidates.flatten(1).float()
-        dist = torch.cdist(q, c, p=1 if metric == "l1" else 2)
-        dist = dist / q.shape[1] if metric == "l1" else dist.square() / q.shape[1]
+        dist = distance_matrix(queries, candidates, metric)
         close = dist.min(0).values < epsilon
         counts.append(close.float().mean().item())
         kept = dist.masked_fill(close, float("inf"))
         index = kept.argmin(1)
         if bool((~torch.isfinite(kept.gather(1, index[:, None]))).any()):
             return plain(queries, candidates, metric)
-        return index, dist.gather(1, index[:, None])[:, 0].to(queries.dtype if queries.is_floating_point()
-                                                               else torch.float32)
+        return index, dist.gather(1, index[:, None])[:, 0]
 
     return nearest
 
@@ -90,19 +94,18 @@ def unique_nearest(counts):
     taken = {"key": None, "mask": None}
 
     def nearest(queries, candidates, metric="l2"):
-        q, c = queries.flatten(1).float(), candidates.flatten(1).float()
-        dist = torch.cdist(q, c, p=1 if metric == "l1" else 2)
-        dist = dist / q.shape[1] if metric == "l1" else dist.square() / q.shape[1]
+        dist = distance_matrix(queries, candidates, metric)
+        rows, pool = dist.shape
         # a refresh makes new candidates, whose memory may reuse the old ones': know them by their values too
-        key = (candidates.data_ptr(), c.shape[0], float(c[0].sum()), float(c[-1].sum()))
-        if taken["key"] != key or taken["mask"] is None:
-            taken["key"], taken["mask"] = key, torch.zeros(c.shape[0], dtype=torch.bool, device=c.device)
+        key = (candidates.data_ptr(), pool, float(candidates[0].sum()), float(candidates[-1].sum()))
+        if taken["key"] != key:
+            taken["key"], taken["mask"] = key, torch.zeros(pool, dtype=torch.bool, device=dist.device)
         mask = taken["mask"]
-        if int(mask.sum()) + q.shape[0] > c.shape[0]:  # not enough left for every digit: start over
+        if int(mask.sum()) + rows > pool:  # not enough left for every digit: start over
             mask.zero_()
         counts.append(mask.float().mean().item())
         free = dist.masked_fill(mask, float("inf"))
-        index = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+        index = torch.empty(rows, dtype=torch.long, device=dist.device)
         for row in free.min(1).values.argsort().tolist():  # the closest digits choose first
             j = int(free[row].argmin())
             index[row] = j
@@ -115,9 +118,6 @@ def unique_nearest(counts):
 
 def multiscale_ops(weight):
     """A stand-in for ign_fast.ops inside ign_fast.naign whose two distances are multiscale l1."""
-    import types
-
-    import torch.nn.functional as F
 
     def scales(x):
         x = x.float()
@@ -128,10 +128,8 @@ def multiscale_ops(weight):
         return parts[0] + weight * (parts[1] + parts[2])
 
     def nearest_neighbors(queries, candidates, metric="l1"):
-        dist = 0
-        for i, (q, c) in enumerate(zip(scales(queries), scales(candidates))):
-            dist = dist + (1.0 if i == 0 else weight) * torch.cdist(q, c, p=1) / q.shape[1]
-        distance, index = dist.min(1)
+        full, *coarse = [distance_matrix(q, c, "l1") for q, c in zip(scales(queries), scales(candidates))]
+        distance, index = (full + weight * sum(coarse)).min(1)
         return index, distance
 
     return types.SimpleNamespace(per_sample_distance=per_sample_distance, nearest_neighbors=nearest_neighbors)
