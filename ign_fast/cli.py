@@ -54,6 +54,10 @@ def _add_train(sub):
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (ign), 5e-4 (naign), 2e-3 (naign on toy sets)")
     p.add_argument("--lr-schedule", default=d.lr_schedule,
                    help="constant | cosine (a half cosine from --lr to 0 over --steps; default %(default)s)")
+    p.add_argument("--beta1", type=float, default=d.beta1,
+                   help="Adam's first-moment decay, in [0, 1) (default %(default)s, the IGN paper's)")
+    p.add_argument("--beta2", type=float, default=d.beta2,
+                   help="Adam's second-moment decay, in [0, 1) (default %(default)s)")
     p.add_argument("--distance", default=d.distance, help="l1 | l2 (default %(default)s)")
     p.add_argument("--lambda-rec", type=float, default=None, help="weight of f(x) = x; default 20 (ign) or 1 (naign)")
     p.add_argument("--lambda-idem", type=float, default=None,

@@ -102,6 +102,7 @@ def test_project_image_files(tmp_path):
     (["train", "--model", "dcgan64"], "needs images of 64x64"),
     (["train", "--data", "mnist"], "root"),
     (["train", "--lr", "-1"], "lr must be"),
+    (["train", "--beta1", "1"], "beta1 must be a number in [0, 1)"),
     (["project", "RUN", "--corruption", "blur"], "corruption must be"),
 ])
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, argv, message):
@@ -115,6 +116,13 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_adam_betas_from_the_command_line_reach_the_optimizer(tmp_path):
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--out", run, "--steps", "1", "--beta1", "0.9", "--beta2", "0.99"]) == 0
+    groups = ckpt.load_checkpoint(run)["optimizer"]["param_groups"]
+    assert [tuple(g["betas"]) for g in groups] == [(0.9, 0.99)]
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path, capsys):
