@@ -1,10 +1,10 @@
-"""Changes to which samples NAIGN pulls, tried and not adopted (issue 14, docs/NAIGN.md "What holds FID up" and
-"Recall is the gap").
+"""Changes to which samples NAIGN pulls, tried and not adopted (issue 14, docs/NAIGN.md "What holds FID up",
+"Recall is the gap" and "f(z) draws from about eight directions").
 
 IMLE pulls, for every training digit, the nearest of the k·B candidates onto it; the samples no digit chose are
-never pulled, and some of them are blends of two digits. reverse and second add one more batch through f a step;
-the others change the search (and multiscale the distance) and cost about what the plain step does. Each one's
-result is in docs/NAIGN.md:
+never pulled, and some of them are blends of two digits. reverse, second, code and random_ign add batches through
+f (or its encoder) a step; the others change the search, the distance or the weights and cost about what the
+plain step does. Each one's result is in docs/NAIGN.md:
 
 - reverse: B random samples f(z) of the pool are pulled onto their nearest real digit in a bank of the last
   BANK data batches (LAMBDA times the loss's distance). On MNIST-5k it made f copy its training digits.
@@ -21,12 +21,23 @@ result is in docs/NAIGN.md:
 - multiscale: every distance NAIGN takes (the search, the pull, reconstruction, restoration) becomes mean l1
   at full resolution plus WEIGHT x (mean l1 of the images average-pooled 2x + mean l1 pooled 4x), so that digits
   match candidates by shape more than by exact stroke position. Today's demo recipe. Recall fell.
+- weighted: each digit's pull weighted by (d / mean d)^GAMMA over the batch (d its distance to its nearest
+  candidate; mean weight 1), so that the digits far from every sample pull harder. Today's demo recipe. Drew
+  more blends between classes. GAMMA 0 is the plain pull, which with --set tries other TrainConfig fields.
+- code: every digit's pulled sample also has its code drawn to the digit's code, LAMBDA x mean
+  |encode(z*) - sg encode(x)| (a model with encode, as DCGAN28). Today's demo recipe. At 0.02 it collapsed to one
+  code (one output) for every input; at 0.1 it drew worse digits.
+- random_ign: IGN's idempotence (LAMBDA) and, with --tight, its clamped tightness on B random samples of the
+  pool, the ones no digit pulls: two or three more batches through f a step. Today's demo recipe. Recall fell.
 
     python experiments/naign_pulls.py reverse OUT SEED LAMBDA --bank 32 [--set field=value ...]
     python experiments/naign_pulls.py second OUT SEED LAMBDA [--set field=value ...]
     python experiments/naign_pulls.py rejection OUT SEED EPSILON [--set field=value ...]
     python experiments/naign_pulls.py unique OUT SEED 0 [--set field=value ...]
     python experiments/naign_pulls.py multiscale OUT SEED WEIGHT [--set field=value ...]
+    python experiments/naign_pulls.py weighted OUT SEED GAMMA [--set field=value ...]
+    python experiments/naign_pulls.py code OUT SEED LAMBDA [--set field=value ...]
+    python experiments/naign_pulls.py random_ign OUT SEED LAMBDA [--tight WEIGHT] [--set field=value ...]
 
 then `ign-fast eval OUT`. --set passes more TrainConfig fields. rejection and unique print the share of the
 pool they kept out of the search, by quarter of training.
@@ -38,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ign_fast import ops
-from ign_fast.naign import NAIGNStep
+from ign_fast.naign import NAIGNLoss, NAIGNStep
 from ign_fast.trainer import Trainer, TrainConfig
 
 # the Makefile's DEMO_FLAGS as TrainConfig fields: the "λ retuned" recipe, and today's
@@ -147,6 +158,59 @@ def with_extra_term(term):
     return _forward
 
 
+def code_pull(step, x, z_pool, searched, weight):
+    """weight · mean |encode(z*) - sg(encode(x))| for each digit x and its nearest candidate z*: the pulled noise
+    sample's code is drawn to the digit's own code, so that the codes f makes from noise spread over the region
+    its codes of digits fill (needs a model with encode, as DCGAN28)."""
+    with torch.no_grad():
+        index, _ = ops.nearest_neighbors(x, searched, step.loss.distance)
+        target = step.model.encode(x)
+    return weight * (step.model.encode(z_pool.index_select(0, index)) - target).abs().mean()
+
+
+def random_ign_forward(idem_weight, tight_weight, ratio=1.5):
+    """NAIGNStep._forward plus IGN's idempotence and tightness terms on B random samples of the pool, the ones
+    the IMLE pull leaves alone: idem_weight · d(f'(f(z)), f(z)) (f' frozen: the gradient moves f(z) toward f's
+    fixed points) and -tight_weight · d(f(sg f(z)), sg f(z)), clamped by ratio · rec as IGNLoss clamps it (the
+    gradient makes f move off the samples it fixes, so blends stop being fixed points)."""
+    from torch.func import functional_call
+
+    from ign_fast import reference
+    from ign_fast.naign import frozen_state
+
+    forward = NAIGNStep._forward
+
+    def _forward(self, x, z_pool, candidates=None):
+        terms = list(forward(self, x, z_pool, candidates))
+        d = self.loss.distance
+        picked = torch.randint(z_pool.shape[0], (x.shape[0],), device=x.device)
+        fz = self.model(z_pool.index_select(0, picked))
+        extra = idem_weight * ops.per_sample_distance(functional_call(self.model, frozen_state(self.model), (fz,)),
+                                                      fz, d).mean()
+        if tight_weight > 0:
+            held = fz.detach()
+            tight = -ops.per_sample_distance(self.model(held), held, d)
+            extra = extra + tight_weight * reference.clamp_tight(tight, terms[1].detach(), ratio).mean()
+        terms[0] = terms[0] + extra
+        return tuple(terms)
+
+    return _forward
+
+
+def weighted_imle_loss(gamma):
+    """NAIGNLoss.forward with digit i's pull weighted by (d_i / mean d)^gamma (detached, mean 1 over the batch),
+    d_i = d(f(z*_i), x_i): the digits farthest from every sample, the ones recall misses, pull harder."""
+    forward = NAIGNLoss.forward
+
+    def weighted(self, x, fx, f_znn, f_f_znn=None):
+        total, rec, imle, idem = forward(self, x, fx, f_znn, f_f_znn)
+        w = (imle.detach() / imle.detach().mean()).pow(gamma)
+        total = total + self.lambda_imle * ((w / w.mean() - 1) * imle).mean()  # replaces the mean by the weighted
+        return total, rec, imle, idem
+
+    return weighted
+
+
 def parse_value(value):
     for kind in (int, float):
         try:
@@ -158,11 +222,13 @@ def parse_value(value):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("variant", choices=("reverse", "second", "rejection", "unique", "multiscale"))
+    parser.add_argument("variant", choices=("reverse", "second", "rejection", "unique", "multiscale",
+                                                       "weighted", "code", "random_ign"))
     parser.add_argument("out")
     parser.add_argument("seed", type=int)
     parser.add_argument("weight", type=float, help="the extra term's weight (LAMBDA), or rejection's EPSILON")
     parser.add_argument("--bank", type=int, default=32, help="reverse: data batches kept to search (default 32)")
+    parser.add_argument("--tight", type=float, default=0.0, help="random_ign: the tightness weight (default 0)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="more TrainConfig fields")
     args = parser.parse_args()
     if args.variant == "reverse":
@@ -177,6 +243,16 @@ def main():
         import ign_fast.naign
 
         ign_fast.naign.ops = multiscale_ops(args.weight)
+        base = DEMO
+    elif args.variant == "code":
+        NAIGNStep._forward = with_extra_term(
+            lambda step, x, z, searched: code_pull(step, x, z, searched, args.weight))
+        base = DEMO
+    elif args.variant == "random_ign":
+        NAIGNStep._forward = random_ign_forward(args.weight, args.tight)
+        base = DEMO
+    elif args.variant == "weighted":
+        NAIGNLoss.forward = weighted_imle_loss(args.weight)
         base = DEMO
     else:
         counts = []
