@@ -11,6 +11,8 @@ timing, every warm-up step must have produced finite losses.
       # step chooses (256 on a CPU)
   OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --demo-recipe --configs 16:8 16:8:auto:0.25
       # make demo's step without and with the idempotence term (λ_idem 0.25: one more f on the pulled samples)
+  OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --demo-recipe --configs 16:8 --amp none bf16
+      # make demo's step in float32 and under bf16 autocast (--amp bf16; fast on a CPU with AMX)
 """
 import argparse
 import math
@@ -44,8 +46,9 @@ def parse_config(text):
     return k, r, chunk, idem
 
 
-def describe(k, r, chunk, idem):
-    return f"k = {k:2d}, R = {r:2d}, chunk {chunk or 'auto'}" + (f", λ_idem {idem:g}" if idem else "")
+def describe(k, r, chunk, idem, amp="none"):
+    return (f"k = {k:2d}, R = {r:2d}, chunk {chunk or 'auto'}" + (f", λ_idem {idem:g}" if idem else "")
+            + (f", amp {amp}" if amp != "none" else ""))
 
 
 def main():
@@ -58,20 +61,23 @@ def main():
                              "default 8:4 16:4")
     parser.add_argument("--demo-recipe", action="store_true",
                         help="with make demo's λ_imle 4 and noise restoration term (default: train's defaults)")
+    parser.add_argument("--amp", nargs="+", default=["none"], choices=("none", "bf16"),
+                        help="time every configuration under each of these --amp settings (default none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     extra = DEMO_RECIPE if args.demo_recipe else {}
     trainers = {}
-    for k, r, chunk, idem in args.configs:
+    for (k, r, chunk, idem), amp in [(config, amp) for config in args.configs for amp in args.amp]:
         out = os.path.join(tempfile.mkdtemp(), "run")
         trainer = Trainer(TrainConfig(out=out, candidates=k, refresh_every=r, lambda_idem=idem, steps=10 ** 6,
-                                      progress=False, sample_every=10 ** 6, checkpoint_every=10 ** 6, **extra))
+                                      progress=False, sample_every=10 ** 6, checkpoint_every=10 ** 6, amp=amp,
+                                      **extra))
         trainer.step_fn.candidate_chunk = chunk
         for _ in range(2 * r):  # at least two pool refreshes
             terms = trainer.train_step()
             assert all(math.isfinite(v) for v in terms.values()), (k, r, chunk, idem, terms)
             assert (terms["idem"] > 0) == (idem > 0), (idem, terms)  # the term is computed exactly when asked
-        trainers[k, r, chunk, idem] = trainer
+        trainers[k, r, chunk, idem, amp] = trainer
     times = {key: [] for key in trainers}
     for _ in range(args.rounds):
         for key, trainer in trainers.items():
