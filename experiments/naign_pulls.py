@@ -43,6 +43,8 @@ then `ign-fast eval OUT`. --set passes more TrainConfig fields. rejection and un
 pool they kept out of the search, by quarter of training.
 """
 import argparse
+import os
+import shutil
 import types
 
 import torch
@@ -269,9 +271,14 @@ def main():
             parser.error(f"--set: TrainConfig has no field {field!r}")
         config[field] = parse_value(value)
     try:
+        existed = os.path.exists(args.out)
         trainer = Trainer(TrainConfig(**config))
     except (ValueError, TypeError) as error:  # a used run folder, a bad --set value: one line
         parser.error(str(error))
+    if args.variant == "code" and not hasattr(trainer.model, "encode"):
+        if not existed:  # the folder this call made, nothing of the user's: leave no half-started run behind
+            shutil.rmtree(args.out)
+        parser.error(f"code needs a model with encode (as dcgan28), got {type(trainer.model).__name__}")
     trainer.fit()
     if args.variant in ("rejection", "unique"):
         what = "rejected" if args.variant == "rejection" else "already taken"
