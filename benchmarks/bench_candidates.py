@@ -17,13 +17,13 @@ timing, every warm-up step must have produced finite losses.
 import argparse
 import math
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 
 from ign_fast.trainer import TrainConfig, Trainer
+
+from common import print_step_rounds, trainer_step_rounds  # benchmarks/, next to this file
 
 # the Makefile's DEMO_FLAGS that change the work of a step (the learning rate does not)
 DEMO_RECIPE = dict(lambda_imle=4.0, lambda_restore=0.5, restore_corruptions="noise")
@@ -78,18 +78,7 @@ def main():
             assert all(math.isfinite(v) for v in terms.values()), (k, r, chunk, idem, terms)
             assert (terms["idem"] > 0) == (idem > 0), (idem, terms)  # the term is computed exactly when asked
         trainers[k, r, chunk, idem, amp] = trainer
-    times = {key: [] for key in trainers}
-    for _ in range(args.rounds):
-        for key, trainer in trainers.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step()
-            times[key].append((time.perf_counter() - start) / args.steps)
-    first = next(iter(times))
-    for key, ts in times.items():
-        ratio = statistics.median(ts) / statistics.median(times[first])
-        print(f"{describe(*key)}: ms per step by round " + ", ".join(f"{t * 1000:.1f}" for t in ts)
-              + f"; median {statistics.median(ts) * 1000:.1f}, {ratio:.2f}x {describe(*first)}")
+    print_step_rounds(trainer_step_rounds(trainers, args.rounds, args.steps), lambda key: describe(*key))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,15 @@ and its ratio to the plain step. Before timing, every warm-up step must have pro
 import argparse
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
 import types
 
 import torch
 
 from ign_fast.trainer import TrainConfig, Trainer
+
+from common import print_step_rounds, trainer_step_rounds  # benchmarks/, next to this file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
 import naign_pulls  # noqa: E402
@@ -53,17 +53,7 @@ def main():
             terms = trainer.train_step()
             assert all(math.isfinite(v) for v in terms.values()), (name, terms)
         trainers[name] = trainer
-    times = {name: [] for name in trainers}
-    for _ in range(args.rounds):
-        for name, trainer in trainers.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step()
-            times[name].append((time.perf_counter() - start) / args.steps)
-    first = statistics.median(next(iter(times.values())))
-    for name, ts in times.items():
-        print(f"{name:28s} ms per step by round " + ", ".join(f"{t * 1000:.1f}" for t in ts)
-              + f"; median {statistics.median(ts) * 1000:.1f}, {statistics.median(ts) / first:.2f}x")
+    print_step_rounds(trainer_step_rounds(trainers, args.rounds, args.steps), lambda name: name)
 
 
 if __name__ == "__main__":

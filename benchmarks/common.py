@@ -45,6 +45,27 @@ def interleaved_median_times(fns, device, warmup=2, repeats=10):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def trainer_step_rounds(trainers, rounds, steps):
+    """{key: [seconds per train_step, one per round]} for several trainers timed in alternating rounds of `steps`
+    steps each, so machine load hits them alike (CPU timing: no device sync)."""
+    times = {key: [] for key in trainers}
+    for _ in range(rounds):
+        for key, trainer in trainers.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+            times[key].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def print_step_rounds(times, describe):
+    """One line per key of trainer_step_rounds' result: ms by round, the median, its ratio to the first key's."""
+    first = statistics.median(next(iter(times.values())))
+    for key, ts in times.items():
+        print(f"{describe(key)}: ms per step by round " + ", ".join(f"{t * 1000:.1f}" for t in ts)
+              + f"; median {statistics.median(ts) * 1000:.1f}, {statistics.median(ts) / first:.2f}x the first")
+
+
 def peak_memory(fn, device):
     """Peak bytes allocated by fn() on CUDA; None on CPU (no allocator statistics there)."""
     if torch.device(device).type != "cuda":
