@@ -15,9 +15,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-
 import numpy as np
+
+from common import trainer_step_rounds  # benchmarks/, next to this file
 
 SIZE = 28
 
@@ -68,13 +68,7 @@ def speed(folder, steps, rounds):
         trainers[name] = Trainer(config, data=data, overwrite=True)
         for _ in range(3):
             trainers[name].train_step()  # warm-up: workers started, first pool made
-    times = {name: [] for name in trainers}
-    for _ in range(rounds):
-        for name, trainer in trainers.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                trainer.train_step()
-            times[name].append((time.perf_counter() - start) / steps)
+    times = trainer_step_rounds(trainers, rounds, steps)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
