@@ -16,7 +16,8 @@ DEMO_STEPS ?= 2000
 # so no more candidate forwards per step) lower the digit FID by 1.3-2.6 on each of three seeds.
 DEMO_FLAGS ?= --lambda-imle 4 --lambda-restore 0.5 --restore-corruptions noise --lr 2e-3 --candidates 16 --refresh-every 8
 # auto: bf16 autocast on a GPU, float32 on a CPU. On a CPU with AMX (lscpu lists amx_bf16) DEMO_AMP=bf16 makes a step
-# about 1.25x faster, so DEMO_STEPS=2500 trains in the time 2,000 float32 steps take (docs/NAIGN.md, "bf16 autocast")
+# about 1.25x faster, but DEMO_STEPS=2500 with it did not beat 2,000 float32 steps beyond the noise (docs/NAIGN.md,
+# "bf16 autocast on this machine's CPU")
 DEMO_AMP ?= auto
 
 .PHONY: setup demo test bench clean
