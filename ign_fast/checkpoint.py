@@ -165,6 +165,20 @@ def resolve_checkpoint(path):
     raise CheckpointError(f"no checkpoint found in {path!r} (expected a run folder or a step_* folder)")
 
 
+def read_meta(path):
+    """The meta.json of the checkpoint `path` resolves to (resolve_checkpoint), without loading any tensor: the
+    step, the run's config and model record. CheckpointError (one line) when it is missing or unreadable."""
+    folder = resolve_checkpoint(path)
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {folder!r} has an unreadable meta.json ({error})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {folder!r} has a meta.json that is not an object")
+    return meta
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint without executing code from it. Returns a dict with meta, model, prior, optimizer
     and rng state dicts; raises CheckpointError (one line) when it is incomplete, corrupt or unsafe."""
@@ -172,11 +186,7 @@ def load_checkpoint(path, map_location="cpu"):
     missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise CheckpointError(f"checkpoint {folder!r} is incomplete: missing {', '.join(missing)}")
-    try:
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {folder!r} has an unreadable meta.json ({error})") from None
+    meta = read_meta(folder)
     tensors = {}
     for key in ("model", "prior", "state"):
         file = os.path.join(folder, f"{key}.safetensors")

@@ -20,9 +20,12 @@ def _optional_float(text):
 
 
 def _add_train(sub):
+    _add_train_arguments(sub.add_parser("train", help="train on a data set (default: NAIGN on MNIST-5k)"))
+
+
+def _add_train_arguments(p):
     from .trainer import TrainConfig
 
-    p = sub.add_parser("train", help="train on a data set (default: NAIGN on MNIST-5k)")
     d = TrainConfig()
     p.add_argument("--objective", default=d.objective, help="ign | naign (default %(default)s)")
     p.add_argument("--data", default=d.data,
@@ -103,7 +106,8 @@ def _add_train(sub):
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, with its saved settings "
+                        "(options written out change them from there on)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a --out that holds one: its checkpoints, samples, metrics and config "
                         "are deleted first")
@@ -118,6 +122,36 @@ def _add_train(sub):
                         "labelled data: mnist5k, mnist; docs/CONDITIONAL.md)")
 
 
+def given_train_options(argv):
+    """The train options `argv` (what follows "train") writes out, as TrainConfig field names; one given at its
+    default value counts. argparse sets an option's default only where the namespace lacks the attribute, so
+    parsing into a namespace of markers leaves a marker wherever no option was written."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_train_arguments(parser)
+    marker = object()
+    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions})
+    parser.parse_known_args(argv, namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not marker}
+
+
+def saved_run_settings(out):
+    """The config the latest checkpoint in the run folder `out` was trained with, or {} where it holds none
+    (a resume that starts a fresh run). CheckpointError (one line) when its meta.json is unreadable."""
+    from .checkpoint import CheckpointError, read_meta, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(out)
+    except CheckpointError:
+        return {}
+    config = read_meta(folder).get("config")
+    return config if isinstance(config, dict) else {}
+
+
+# Read from the command line at every call, never from the saved run: where to write, how to show progress,
+# and the opt-in to run a checkpoint's factory function (a run folder from elsewhere must not turn it on).
+NOT_RESUMED = ("out", "progress", "trust_model_code")
+
+
 def cmd_train(args):
     from .trainer import TrainConfig, format_seconds, train
 
@@ -128,6 +162,12 @@ def cmd_train(args):
         from .model_record import parse_kwargs_json
 
         values["model_kwargs"] = parse_kwargs_json(args.model_kwargs)
+    if args.resume:  # the run goes on as it was trained: what the command line leaves out is the saved run's
+        given = getattr(args, "given", None)
+        given = set(values) if given is None else given
+        for field, value in saved_run_settings(args.out).items():
+            if field in fields and field not in given and field not in NOT_RESUMED:
+                values[field] = value
     config = TrainConfig(**values)
     trainer, summary = train(config, resume=args.resume, overwrite=args.overwrite)
     try:
@@ -714,7 +754,10 @@ def main(argv=None):
     from .trainer import NonFiniteTrainingError
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad syntax
+    if args.command == "train":
+        args.given = given_train_options(argv[argv.index("train") + 1:])
     try:
         return COMMANDS[args.command](args)
     except NonFiniteTrainingError as error:  # the run's data or settings, not usage

@@ -452,6 +452,28 @@ class RunFolderInUseError(ValueError):
 RUN_OUTPUTS = ("checkpoints", "samples", "samples.png", "metrics.csv", "config.json", "tensorboard", "project")
 
 
+# Settings a checkpoint cannot carry into another value: its NAIGN pool and loss terms, its data position, its
+# prior's state and its input planes mean something only under the run's own. (The model's settings are checked
+# through its record, batch_size through the data position.) Every other setting may change at resume.
+FIXED_AT_START = ("objective", "data", "image_size", "prior", "conditional")
+# what a resume is expected to change, and says nothing about
+RESUME_BOOKKEEPING = ("out", "steps", "progress")
+
+
+def resumed_setting_changes(saved, config):
+    """[(field, saved value, new value)] for the settings `config` (resolved) changes against the checkpoint's
+    saved config; ValueError (one line) when it changes one fixed at the start of a run. Checkpoints written
+    before a field existed say nothing about it."""
+    current = dataclasses.asdict(config)
+    for field in FIXED_AT_START:
+        if field in saved and saved[field] != current[field]:
+            raise ckpt.CheckpointError(f"resume needs the checkpoint's {field} {saved[field]!r}, got "
+                                       f"{current[field]!r}: it is fixed when a run starts; for another, start "
+                                       "a new run (another --out, or --overwrite)")
+    return [(field, saved[field], value) for field, value in current.items()
+            if field in saved and field not in RESUME_BOOKKEEPING and saved[field] != value]
+
+
 def check_run_folder(out, resume, overwrite):
     """A fresh run needs an empty (or absent) folder: training over another run's files would replace its
     config and metrics and mix its checkpoints with the new ones (issue 12). Reads only, so every rank can
@@ -657,6 +679,7 @@ class Trainer:
                 return None
             raise
         meta = state["meta"]
+        changes = resumed_setting_changes(meta.get("config") or {}, self.config)
         if meta["model_config"] != self.model_record:
             raise ckpt.CheckpointError(f"checkpoint model {meta['model_config']} does not match the run's "
                                        f"model {self.model_record}")
@@ -672,6 +695,9 @@ class Trainer:
                 self.ema = EMA(self.model, self.config.ema_decay)
         self.prior.load_state_dict(state["prior"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the config's, not the saved ones: a changed lr or beta applies
+            group["lr"] = self.learning_rate(int(meta["step"]))
+            group["betas"] = (self.config.beta1, self.config.beta2)
         saved_batch = meta.get("global_batch_size", self.config.batch_size)
         if saved_batch != self.config.batch_size:
             raise ckpt.CheckpointError(f"resume needs the checkpoint's global batch_size {saved_batch} (its data "
@@ -695,6 +721,9 @@ class Trainer:
                 if candidates is not None and candidates.shape == pool.shape:
                     self.step_fn.candidates = candidates.to(self.device)
         self.step = int(meta["step"])
+        if changes and self.dist.is_main:
+            print("ign-fast: resume: " + ", ".join(f"{field} {old!r} -> {new!r}" for field, old, new in changes)
+                  + " (the saved run's -> this one's, from here on)", file=sys.stderr)
         return self.step
 
     def _count_nonfinite(self, skipped):

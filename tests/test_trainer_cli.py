@@ -2,6 +2,7 @@
 import argparse
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,68 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, objective):
     assert main(args + ["--out", split, "--steps", "6", "--resume"]) == 0
     assert read_losses(full) == read_losses(split)
     assert [s for s, _ in read_losses(split)] == list(range(1, 7))
+
+
+def test_resume_without_the_runs_flags_continues_the_run_as_trained(tmp_path, capsys):
+    """The README's `ign-fast train --resume --out RUN --steps N`, on a run trained with flags other than the
+    defaults (the paper's objective with an IMLE pull, its own lr and betas): the options left out are the saved
+    run's, so it goes on exactly as the uninterrupted run does; it once went on as default NAIGN."""
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    recipe = ["--objective", "ign", "--lambda-imle", "8", "--tight-warmup", "4", "--tight-warmup-shape", "exp",
+              "--lr", "3e-4", "--beta1", "0.8", "--batch-size", "16", "--latent-dim", "8", "--width", "8",
+              "--no-progress", "--log-every", "1", "--checkpoint-every", "3", "--sample-every", "100"]
+    assert main(["train", *recipe, "--out", full, "--steps", "6"]) == 0
+    assert main(["train", *recipe, "--out", split, "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", split, "--steps", "6", "--no-progress"]) == 0
+    assert "resume:" not in capsys.readouterr().err  # nothing changed, nothing to say
+    assert read_losses(split) == read_losses(full)
+    with open(os.path.join(split, "config.json")) as f:
+        saved = json.load(f)
+    assert (saved["objective"], saved["lambda_imle"], saved["lr"], saved["beta1"]) == ("ign", 8.0, 3e-4, 0.8)
+
+
+def test_resume_applies_a_changed_lr_and_betas_and_says_so(tmp_path, capsys):
+    """A setting written out at resume is the run's from there on: in the optimizer (whose saved state once
+    kept the old lr and betas while config.json claimed the new ones), in config.json, and said on stderr."""
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--out", run, "--steps", "2", "--lr", "2e-3"]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", run, "--steps", "4", "--resume", "--lr", "1e-3", "--beta1", "0.9"]) == 0
+    err = capsys.readouterr().err
+    assert "resume: lr 0.002 -> 0.001, beta1 0.5 -> 0.9" in err, err
+    groups = ckpt.load_checkpoint(run)["optimizer"]["param_groups"]
+    assert [(g["lr"], tuple(g["betas"])) for g in groups] == [(1e-3, (0.9, 0.999))]
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["lr"] == 1e-3
+    # the Python API: the config given is the run's; the optimizer follows it
+    trainer = Trainer(TrainConfig(latent_dim=8, width=8, batch_size=16, steps=5, lr=5e-4, beta2=0.99,
+                                  progress=False, out=run), resume=True)
+    assert [(g["lr"], tuple(g["betas"])) for g in trainer.optimizer.param_groups] == [(5e-4, (0.5, 0.99))]
+    trainer.close()
+
+
+def test_resume_refuses_a_setting_fixed_at_the_start_and_keeps_the_run(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--out", run, "--steps", "2", "--objective", "ign"]) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", run, "--steps", "4", "--resume", "--objective", "naign"]) == 2
+    one_error_line(capsys, "resume needs the checkpoint's objective 'ign', got 'naign'", "--overwrite")
+    assert main(["train", *TINY, "--out", run, "--steps", "4", "--resume", "--prior", "fourier"]) == 2
+    one_error_line(capsys, "prior 'gaussian', got 'fourier'")
+    assert snapshot(run) == before  # config.json, metrics and checkpoints as they were
+    with pytest.raises(ckpt.CheckpointError, match="objective 'ign', got 'naign'"):
+        Trainer(TrainConfig(latent_dim=8, width=8, batch_size=16, progress=False, out=run), resume=True)
+
+
+def test_given_train_options_tells_a_flag_at_its_default_from_an_absent_one():
+    from ign_fast.cli import given_train_options
+
+    assert given_train_options(["--out", "r", "--lr", "5e-4", "--no-progress", "--resume"]) == {
+        "out", "lr", "no_progress", "resume"}
+    assert given_train_options(["--beta1=0.5", "--steps", "3"]) == {"beta1", "steps"}
+    assert given_train_options([]) == set()
 
 
 def test_cosine_lr_schedule_values_and_exact_resume(tmp_path):
