@@ -106,8 +106,9 @@ def _add_train_arguments(p):
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, with its saved settings "
-                        "(options written out change them from there on)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint, with its saved settings (options "
+                        "written out change them from there on)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a --out that holds one: its checkpoints, samples, metrics and config "
                         "are deleted first")
