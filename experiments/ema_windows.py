@@ -20,10 +20,7 @@ from safetensors.torch import save_file
 from ign_fast import checkpoint as ckpt
 from ign_fast.ema import EMA
 from ign_fast.trainer import Trainer, TrainConfig
-
-# the Makefile's DEMO_FLAGS as TrainConfig fields
-DEMO = dict(lambda_imle=4.0, lambda_restore=0.5, restore_corruptions="noise", lr=2e-3, candidates=16,
-            refresh_every=8)
+from naign_pulls import DEMO, training_config  # the demo's recipe and --set, as the pulls train them
 
 
 class PowerEMA(EMA):
@@ -37,15 +34,6 @@ class PowerEMA(EMA):
         return (1.0 - 1.0 / (self.updates + 1)) ** (self.gamma + 1.0)
 
 
-def parse_value(value):
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out")
@@ -56,15 +44,7 @@ def main():
     args = parser.parse_args()
     if any(g <= 0 for g in args.gammas):
         parser.error(f"--gammas must be positive, got {args.gammas}")
-    config = dict(DEMO, out=args.out, seed=args.seed, steps=2000, sample_every=500, checkpoint_every=500,
-                  progress=False)
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set takes FIELD=VALUE, got {item!r}")
-        field, value = item.split("=", 1)
-        if field not in TrainConfig.__dataclass_fields__:
-            parser.error(f"--set: TrainConfig has no field {field!r}")
-        config[field] = parse_value(value)
+    config = training_config(parser, DEMO, args.out, args.seed, args.set)
     targets = [f"{args.out}_pow{g:g}" for g in args.gammas]
     for target in targets:
         if os.path.exists(target):

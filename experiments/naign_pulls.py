@@ -245,6 +245,20 @@ def parse_value(value):
     return value
 
 
+def training_config(parser, base, out, seed, items):
+    """The TrainConfig fields of a 2,000-step run of `base` (a recipe above) into out, with --set's
+    FIELD=VALUE items on top; a malformed item or an unknown field is parser.error's one line."""
+    config = dict(base, out=out, seed=seed, steps=2000, sample_every=500, checkpoint_every=500, progress=False)
+    for item in items:
+        if "=" not in item:
+            parser.error(f"--set takes FIELD=VALUE, got {item!r}")
+        field, value = item.split("=", 1)
+        if field not in TrainConfig.__dataclass_fields__:
+            parser.error(f"--set: TrainConfig has no field {field!r}")
+        config[field] = parse_value(value)
+    return config
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("variant", choices=("reverse", "second", "rejection", "unique", "multiscale", "weighted",
@@ -277,15 +291,7 @@ def main():
         counts = []
         make = unique_nearest(counts) if args.variant == "unique" else rejecting_nearest(args.weight, counts)
         ops.nearest_neighbors = make  # naign calls ops.nearest_neighbors
-    config = dict(base, out=args.out, seed=args.seed, steps=2000, sample_every=500, checkpoint_every=500,
-                  progress=False)
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set takes FIELD=VALUE, got {item!r}")
-        field, value = item.split("=", 1)
-        if field not in TrainConfig.__dataclass_fields__:
-            parser.error(f"--set: TrainConfig has no field {field!r}")
-        config[field] = parse_value(value)
+    config = training_config(parser, base, args.out, args.seed, args.set)
     try:
         existed = os.path.exists(args.out)
         trainer = Trainer(TrainConfig(**config))
