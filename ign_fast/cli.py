@@ -478,7 +478,9 @@ def cmd_eval(args):
     model, prior, meta, device = _load(args)
     if tuple(prior.shape) != (1, 28, 28):
         raise UsageError("eval measures digit models (1x28x28); this checkpoint's data has shape "
-                         f"{tuple(prior.shape)}")
+                         f"{tuple(prior.shape)}: for other images, ign_fast.metrics.inception_fid(samples, "
+                         "images) gives Inception FID (with torchmetrics or clean-fid), and `ign-fast restore RUN "
+                         "--images ...` PSNR and SSIM")
     gen = torch.Generator().manual_seed(args.seed)
     num_classes = _num_classes(model)
     requested = None

@@ -87,6 +87,15 @@ def test_resume_refuses_a_setting_fixed_at_the_start_and_keeps_the_run(tmp_path,
         Trainer(TrainConfig(latent_dim=8, width=8, batch_size=16, progress=False, out=run), resume=True)
 
 
+def test_eval_of_a_run_that_is_not_digits_says_what_measures_it_instead(tmp_path, capsys):
+    run = str(tmp_path / "toy")
+    assert main(["train", "--data", "moons", "--model", "mlp", "--steps", "1", "--batch-size", "16", "--out", run,
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", run]) == 2
+    one_error_line(capsys, "eval measures digit models", "(2,)", "inception_fid", "restore RUN --images")
+
+
 def test_given_train_options_tells_a_flag_at_its_default_from_an_absent_one():
     from ign_fast.cli import given_train_options
 
