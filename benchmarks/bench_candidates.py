@@ -13,6 +13,8 @@ timing, every warm-up step must have produced finite losses.
       # make demo's step without and with the idempotence term (λ_idem 0.25: one more f on the pulled samples)
   OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --demo-recipe --configs 16:8 --amp none bf16
       # make demo's step in float32 and under bf16 autocast (--amp bf16; fast on a CPU with AMX)
+  OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --demo-recipe --configs 16:8 --widths 32 64
+      # make demo's step with the DCGAN at width 32 (the default) and 64
 """
 import argparse
 import math
@@ -46,9 +48,9 @@ def parse_config(text):
     return k, r, chunk, idem
 
 
-def describe(k, r, chunk, idem, amp="none"):
+def describe(k, r, chunk, idem, amp="none", width=32):
     return (f"k = {k:2d}, R = {r:2d}, chunk {chunk or 'auto'}" + (f", λ_idem {idem:g}" if idem else "")
-            + (f", amp {amp}" if amp != "none" else ""))
+            + (f", amp {amp}" if amp != "none" else "") + (f", width {width}" if width != 32 else ""))
 
 
 def main():
@@ -63,21 +65,26 @@ def main():
                         help="with make demo's λ_imle 4 and noise restoration term (default: train's defaults)")
     parser.add_argument("--amp", nargs="+", default=["none"], choices=("none", "bf16"),
                         help="time every configuration under each of these --amp settings (default none)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[32],
+                        help="time every configuration with the model at each of these --width (default 32)")
     args = parser.parse_args()
+    if min(args.widths) < 1:
+        parser.error(f"--widths must be positive integers, got {args.widths}")
     torch.set_num_threads(1)
     extra = DEMO_RECIPE if args.demo_recipe else {}
     trainers = {}
-    for (k, r, chunk, idem), amp in [(config, amp) for config in args.configs for amp in args.amp]:
+    runs = [(config, amp, width) for config in args.configs for amp in args.amp for width in args.widths]
+    for (k, r, chunk, idem), amp, width in runs:
         out = os.path.join(tempfile.mkdtemp(), "run")
         trainer = Trainer(TrainConfig(out=out, candidates=k, refresh_every=r, lambda_idem=idem, steps=10 ** 6,
                                       progress=False, sample_every=10 ** 6, checkpoint_every=10 ** 6, amp=amp,
-                                      **extra))
+                                      width=width, **extra))
         trainer.step_fn.candidate_chunk = chunk
         for _ in range(2 * r):  # at least two pool refreshes
             terms = trainer.train_step()
             assert all(math.isfinite(v) for v in terms.values()), (k, r, chunk, idem, terms)
             assert (terms["idem"] > 0) == (idem > 0), (idem, terms)  # the term is computed exactly when asked
-        trainers[k, r, chunk, idem, amp] = trainer
+        trainers[k, r, chunk, idem, amp, width] = trainer
     print_step_rounds(trainer_step_rounds(trainers, args.rounds, args.steps), lambda key: describe(*key))
 
 
