@@ -462,7 +462,7 @@ RESUME_BOOKKEEPING = ("out", "steps", "progress")
 
 def resumed_setting_changes(saved, config):
     """[(field, saved value, new value)] for the settings `config` (resolved) changes against the checkpoint's
-    saved config; ValueError (one line) when it changes one fixed at the start of a run. Checkpoints written
+    saved config; CheckpointError (one line) when it changes one fixed at the start of a run. Checkpoints written
     before a field existed say nothing about it."""
     current = dataclasses.asdict(config)
     for field in FIXED_AT_START:
