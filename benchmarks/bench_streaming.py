@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
 import numpy as np
 
 from common import trainer_step_rounds  # benchmarks/, next to this file

@@ -50,8 +50,10 @@ def main():
     noise_codes, digit_codes = encode(z), encode(train)
     shape = noise_codes.shape[1:]
     noise_codes, digit_codes = noise_codes.flatten(1).double(), digit_codes.flatten(1).double()
-    for name, codes in (("codes of noise", noise_codes), ("codes of training digits", digit_codes)):
-        eigenvalues = torch.linalg.eigvalsh(torch.cov(codes.T)).flip(0)
+    noise_eigenvalues, directions = torch.linalg.eigh(torch.cov(noise_codes.T))  # ascending: flipped below
+    noise_eigenvalues, directions = noise_eigenvalues.flip(0), directions.flip(1)
+    digit_eigenvalues = torch.linalg.eigvalsh(torch.cov(digit_codes.T)).flip(0)
+    for name, eigenvalues in (("codes of noise", noise_eigenvalues), ("codes of training digits", digit_eigenvalues)):
         print(f"{name:26s} participation ratio {participation_ratio(eigenvalues):5.1f}; total variance "
               f"{eigenvalues.sum():7.1f}; largest eigenvalues " + " ".join(f"{v:.0f}" for v in eigenvalues[:10]))
     print(f"distance between the two mean codes {(noise_codes.mean(0) - digit_codes.mean(0)).norm():.1f}; "
@@ -66,7 +68,6 @@ def main():
 
     score("real training digits", train)
     mean = noise_codes.mean(0)
-    directions = torch.linalg.eigh(torch.cov(noise_codes.T)).eigenvectors.flip(1)
     for k in (4, 8, 16, 32, noise_codes.shape[1]):
         top = directions[:, :k]
         codes = (mean + (noise_codes - mean) @ top @ top.T).float().view(-1, *shape)

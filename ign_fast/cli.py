@@ -759,7 +759,7 @@ def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad syntax
-    if args.command == "train":
+    if args.command == "train" and args.resume:  # what a resume takes from the saved run: the options not given
         args.given = given_train_options(argv[argv.index("train") + 1:])
     try:
         return COMMANDS[args.command](args)
