@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import expected_input_shape
-from .noise import FourierPrior, GaussianPrior
+from .noise import FourierPrior, GaussianPrior, MixturePrior, mixture_from_noise
 
 FORMATS = ("torchscript", "export", "onnx")
 METADATA_NAME = "ign_fast.json"
@@ -113,29 +113,40 @@ def _fourier_synthesis_matrices(height: int, width: int):
 class ExportedPrior(nn.Module):
     """The checkpoint's noise prior as a deterministic map from standard normal noise eps: gaussian is the
     identity; fourier is mean + std * eps per rfft2 bin, made Hermitian exactly as FourierPrior.sample does,
-    then irfft2 by real matrix products. noise_shape is eps's per-sample shape."""
+    then irfft2 by real matrix products; mixture is noise.mixture_from_noise, the map MixturePrior.sample
+    itself applies, on eps [1 + rank + D]. noise_shape is eps's per-sample shape."""
+
+    _FOURIER = ("mean_real", "std_real", "mean_imag", "std_imag", "cos_h", "sin_h", "cos_w", "sin_w", "imag_sign")
+    _MIXTURE = ("boundaries", "means", "stds", "directions", "residual_stds")
 
     def __init__(self, prior):
         super().__init__()
         self.kind: str = prior.kind
         self.output_shape: List[int] = list(prior.shape)
+        if not isinstance(prior, (GaussianPrior, FourierPrior, MixturePrior)):
+            raise ValueError(f"prior must be a GaussianPrior, FourierPrior or MixturePrior, got {type(prior).__name__}")
+        # TorchScript needs every attribute on every kind: the buffers a kind does not use stay empty
+        for name in self._FOURIER + self._MIXTURE:
+            self.register_buffer(name, torch.zeros(0))
+        self.register_buffer("source_row", torch.zeros(0, dtype=torch.long))
         if isinstance(prior, GaussianPrior):
             self.noise_shape: List[int] = list(prior.shape)
-            empty = torch.zeros(0)
-            for name in ("mean_real", "std_real", "mean_imag", "std_imag", "cos_h", "sin_h", "cos_w", "sin_w",
-                         "imag_sign"):
-                self.register_buffer(name, empty.clone())
-            self.register_buffer("source_row", torch.zeros(0, dtype=torch.long))
             return
-        if not isinstance(prior, FourierPrior):
-            raise ValueError(f"prior must be a GaussianPrior or FourierPrior, got {type(prior).__name__}")
+        if isinstance(prior, MixturePrior):
+            if float(prior.weights.sum()) == 0:
+                raise ValueError("prior is an unfitted MixturePrior: it has no statistics to export")
+            self.noise_shape = [prior.noise_size]
+            self.boundaries = prior.boundaries().detach().float().cpu().clone()
+            for name in self._MIXTURE[1:]:
+                setattr(self, name, getattr(prior, name).detach().float().cpu().clone())
+            return
         if int(prior.num_fitted) == 0:
             raise ValueError("prior is an unfitted FourierPrior: it has no statistics to export")
         c, h, w = prior.shape
         bins = w // 2 + 1
         self.noise_shape = [2, c, h, bins]
         for name in ("mean_real", "std_real", "mean_imag", "std_imag"):
-            self.register_buffer(name, getattr(prior, name).detach().float().cpu().clone())
+            setattr(self, name, getattr(prior, name).detach().float().cpu().clone())
         # Hermitian completion as an index map: in columns 0 and W/2 a row whose mirror row "keeps" the draw
         # reads the mirror's value (imaginary part negated); self-conjugate bins get no imaginary part.
         mirror, keep, self_conj = prior._row_mirror(torch.device("cpu"))
@@ -144,14 +155,17 @@ class ExportedPrior(nn.Module):
         for j in prior._hermitian_columns():
             source_row[:, j] = torch.where(keep, torch.arange(h), mirror)
             imag_sign[:, j] = torch.where(keep, 1.0, -1.0).masked_fill(self_conj, 0.0)
-        self.register_buffer("source_row", source_row)
-        self.register_buffer("imag_sign", imag_sign)
+        self.source_row = source_row
+        self.imag_sign = imag_sign
         for name, matrix in zip(("cos_h", "sin_h", "cos_w", "sin_w"), _fourier_synthesis_matrices(h, w)):
-            self.register_buffer(name, matrix.float())
+            setattr(self, name, matrix.float())
 
     def forward(self, eps: torch.Tensor) -> torch.Tensor:
         if self.kind == "gaussian":
             return eps
+        if self.kind == "mixture":
+            z = mixture_from_noise(eps, self.boundaries, self.means, self.stds, self.directions, self.residual_stds)
+            return z.reshape([eps.shape[0]] + self.output_shape)
         real = self.mean_real + self.std_real * eps[:, 0]
         imag = self.mean_imag + self.std_imag * eps[:, 1]
         index = self.source_row.expand(real.shape)

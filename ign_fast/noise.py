@@ -7,12 +7,13 @@ carries them) and ``to_config()`` gives the JSON-able rest, so
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-PRIOR_KINDS = ("gaussian", "fourier")
+PRIOR_KINDS = ("gaussian", "fourier", "mixture")
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
@@ -180,12 +181,140 @@ class FourierPrior(NoisePrior):
         return images.to(dtype)
 
 
-_PRIORS = {"gaussian": GaussianPrior, "fourier": FourierPrior}
+def kmeans(flat: torch.Tensor, k: int, iterations: int = 25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of the rows of ``flat`` [N, D] with k-means++ seeding, deterministic under ``seed``:
+    the centers [k, D] and each row's cluster [N]. A cluster that empties keeps its center."""
+    generator = torch.Generator().manual_seed(seed)
+    flat_cpu = flat.cpu()
+    centers = flat_cpu[torch.randint(flat_cpu.shape[0], (1,), generator=generator)]
+    for _ in range(1, k):  # k-means++: the next center drawn with probability proportional to d^2
+        d2 = torch.cdist(flat_cpu, centers).square().min(1).values
+        pick = (torch.multinomial(d2 / d2.sum(), 1, generator=generator) if float(d2.sum()) > 0
+                else torch.randint(flat_cpu.shape[0], (1,), generator=generator))  # all rows equal a center
+        centers = torch.cat([centers, flat_cpu[pick]])
+    centers = centers.to(flat.device)
+    for _ in range(iterations):
+        assign = torch.cdist(flat, centers).argmin(1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centers).index_add_(0, assign, flat)
+        moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
+        if torch.equal(moved, centers):
+            break
+        centers = moved
+    return centers, torch.cdist(flat, centers).argmin(1)
+
+
+def mixture_from_noise(eps: torch.Tensor, boundaries: torch.Tensor, means: torch.Tensor, stds: torch.Tensor,
+                       directions: torch.Tensor, residual_stds: torch.Tensor) -> torch.Tensor:
+    """A mixture of probabilistic PCA Gaussians as a deterministic map of standard normal eps [n, 1 + r + D]:
+    eps[:, 0] picks the component (its normal CDF against the cumulative weights ``boundaries`` [K - 1]),
+    eps[:, 1:1 + r] moves along that component's r directions scaled by its stds, the rest is its isotropic
+    residual. means [K, D], stds [K, r], directions [K, r, D], residual_stds [K]. Plain tensor ops only, so
+    that TorchScript, torch.export and ONNX run the same map (ign_fast.export)."""
+    k, d = means.shape
+    r = stds.shape[1]
+    u = 0.5 * (1.0 + torch.erf(eps[:, 0] / math.sqrt(2.0)))
+    which = (u.unsqueeze(1) > boundaries).sum(1)
+    one_hot = (which.unsqueeze(1) == torch.arange(k, device=eps.device)).to(eps.dtype)  # [n, K]
+    coefficients = one_hot.unsqueeze(2) * (eps[:, 1:1 + r].unsqueeze(1) * stds)  # [n, K, r]: the chosen row only
+    spread = torch.matmul(coefficients.reshape(eps.shape[0], k * r), directions.reshape(k * r, d))
+    residual = torch.matmul(one_hot, residual_stds.unsqueeze(1)) * eps[:, 1 + r:]
+    return torch.matmul(one_hot, means) + spread + residual
+
+
+class MixturePrior(NoisePrior):
+    """A mixture of probabilistic PCA Gaussians fitted to the data: k-means splits the data into ``components``
+    clusters; each has its own mean, its top ``rank`` principal directions with their stds, and isotropic
+    noise carrying the rest of its variance; a sample picks a cluster by its share of the data.
+
+    Why: with a standard normal prior the DCGAN's codes of noise vary along about 8 directions and f(z) covers
+    part of the data (recall near 0.6); one Gaussian fitted to all the data gives blends of every class
+    (docs/NAIGN.md). A mixture's samples are each a noisy, blurred member of one cluster, and f, trained to
+    project noisy data back onto the data, turns them into sharp samples (docs/NAIGN.md, "A mixture prior").
+    It is fitted to the training data, so its novelty is measured with every FID (``evaluate_digits``)."""
+
+    kind = "mixture"
+
+    def __init__(self, shape: Sequence[int], components: int = 32, rank: int = 8):
+        super().__init__(shape)
+        for name, value in (("components", components), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        dim = math.prod(self.shape)
+        self.register_buffer("weights", torch.zeros(components))
+        self.register_buffer("means", torch.zeros(components, dim))
+        self.register_buffer("stds", torch.zeros(components, rank))
+        self.register_buffer("directions", torch.zeros(components, rank, dim))
+        self.register_buffer("residual_stds", torch.zeros(components))
+
+    @property
+    def noise_size(self) -> int:
+        """Numbers of standard normal noise one sample takes: 1 (the component) + rank + D."""
+        return 1 + self.stds.shape[1] + self.means.shape[1]
+
+    def boundaries(self) -> torch.Tensor:
+        return torch.cumsum(self.weights, 0)[:-1]
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, data: torch.Tensor, components: int = 32, rank: int = 8, seed: int = 0) -> "MixturePrior":
+        """Fit to data [N, *shape] (N >= components); rank is capped at the data's dimension."""
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
+        if data.dim() < 2 or not data.dtype.is_floating_point or data.is_complex():
+            raise ValueError(f"data must be a real float tensor [N, ...], got {data.dtype} {list(data.shape)}")
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ValueError(f"components must be a positive int, got {components!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if data.shape[0] < components:
+            raise ValueError(f"data must hold at least components = {components} samples, got {data.shape[0]}")
+        flat = data.flatten(1).double()
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("data contains NaN or inf")
+        dim = flat.shape[1]
+        prior = cls(tuple(data.shape[1:]), components, min(rank, dim))
+        centers, assign = kmeans(flat, components, seed=seed)
+        for j in range(components):
+            members = flat[assign == j]
+            count = members.shape[0]
+            prior.weights[j] = count / flat.shape[0]
+            prior.means[j] = (members.mean(0) if count else centers[j]).float()
+            if count < 2:
+                continue
+            centered = members - members.mean(0)
+            _, singular, rows = torch.linalg.svd(centered, full_matrices=False)
+            variances = singular.square() / (count - 1)
+            kept = min(prior.stds.shape[1], variances.shape[0])
+            prior.stds[j, :kept] = variances[:kept].sqrt().float()
+            prior.directions[j, :kept] = rows[:kept].float()
+            rest = centered.square().sum() / (count - 1) - variances[:kept].sum()
+            if dim > kept:
+                prior.residual_stds[j] = float((rest.clamp_min(0) / (dim - kept)).sqrt())
+        return prior.to(data.device)
+
+    def sample(self, n, generator=None, device=None, dtype=torch.float32):
+        n = _check_count(n)
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if float(self.weights.sum()) == 0:
+            raise RuntimeError("MixturePrior has no statistics: use MixturePrior.fit(data) or load a state_dict")
+        device = torch.device(device) if device is not None else self._default_device()
+        eps = self._standard_normal(n, generator, device, dtype, (self.noise_size,))
+        buffers = [b.to(device=device, dtype=dtype) for b in (self.boundaries(), self.means, self.stds,
+                                                              self.directions, self.residual_stds)]
+        return mixture_from_noise(eps, *buffers).view(n, *self.shape)
+
+
+_PRIORS = {"gaussian": GaussianPrior, "fourier": FourierPrior, "mixture": MixturePrior}
 
 
 def build_prior(kind_or_config: str | dict, data: torch.Tensor | None = None,
-                shape: Sequence[int] | None = None, state_dict: dict | None = None) -> NoisePrior:
-    """Make a prior from a kind ("gaussian" needs shape, "fourier" needs data) or rebuild one.
+                shape: Sequence[int] | None = None, state_dict: dict | None = None,
+                components: int = 32, rank: int = 8) -> NoisePrior:
+    """Make a prior from a kind ("gaussian" needs shape, "fourier" and "mixture" need data) or rebuild one.
+    components and rank: a mixture's clusters and principal directions per cluster (fitting only: a rebuilt
+    mixture takes its sizes from state_dict).
 
     Rebuild: ``build_prior(prior.to_config(), state_dict=prior.state_dict())``.
     """
@@ -204,10 +333,10 @@ def build_prior(kind_or_config: str | dict, data: torch.Tensor | None = None,
     if kind not in _PRIORS:
         raise ValueError(f"kind must be one of {list(PRIOR_KINDS)}, got {kind!r}")
 
-    if kind == "fourier" and state_dict is None:
+    if kind in ("fourier", "mixture") and state_dict is None:
         if data is None:
-            raise ValueError("data must be given to fit a fourier prior (or pass state_dict to rebuild one)")
-        prior = FourierPrior.fit(data)
+            raise ValueError(f"data must be given to fit a {kind} prior (or pass state_dict to rebuild one)")
+        prior = FourierPrior.fit(data) if kind == "fourier" else MixturePrior.fit(data, components, rank)
         if shape is not None and tuple(shape) != prior.shape:
             raise ValueError(f"shape {list(shape)} contradicts the data's per-sample shape {list(prior.shape)}")
         return prior
@@ -216,7 +345,14 @@ def build_prior(kind_or_config: str | dict, data: torch.Tensor | None = None,
             shape = tuple(data.shape[1:])
         else:
             raise ValueError(f"shape must be given to build a {kind} prior")
-    prior = _PRIORS[kind](shape)
+    if kind == "mixture":
+        if state_dict is None or not {"stds", "weights"} <= set(state_dict):
+            raise ValueError("state_dict must hold a mixture prior's buffers (weights, means, stds, directions, "
+                             "residual_stds) to rebuild one")
+        components, rank = state_dict["stds"].shape
+        prior = MixturePrior(shape, int(components), int(rank))
+    else:
+        prior = _PRIORS[kind](shape)
     if state_dict is not None:
         prior.load_state_dict(state_dict)
     return prior

@@ -1,5 +1,5 @@
 """Exported projectors: TorchScript, torch.export and ONNX files equal the eager model (batch- and group-norm,
-gaussian and fourier priors), keep a free batch size, load in a process where ign_fast cannot be imported, and
+gaussian, fourier and mixture priors), keep a free batch size, load in a process where ign_fast cannot be imported, and
 broken files are refused with one line. The C++ example is checked against Python when a compiler is present."""
 import importlib.util
 import os
@@ -16,7 +16,7 @@ from ign_fast.cli import main
 from ign_fast.export import ExportedPrior, generate_path, load_torchscript
 from ign_fast.inference import apply_f
 from ign_fast.models import build_model
-from ign_fast.noise import FourierPrior, GaussianPrior
+from ign_fast.noise import FourierPrior, GaussianPrior, MixturePrior
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
 BATCHES = (1, 3, 17)
@@ -29,7 +29,7 @@ def make_prior(kind):
     if kind == "gaussian":
         return GaussianPrior(SHAPE)
     data = torch.rand(64, *SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    return FourierPrior.fit(data)
+    return FourierPrior.fit(data) if kind == "fourier" else MixturePrior.fit(data, components=5, rank=3)
 
 
 def make_model(norm, seed=0):
@@ -53,7 +53,8 @@ def seeded_eps(noise_shape, n, seed):
     return torch.randn((n, *noise_shape), generator=torch.Generator().manual_seed(seed))
 
 
-CASES = [("batch", "fourier"), ("group", "gaussian"), ("batch", "gaussian"), ("group", "fourier")]
+CASES = [("batch", "fourier"), ("group", "gaussian"), ("group", "mixture"), ("batch", "gaussian"),
+         ("group", "fourier")]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_exported_fourier_prior_equals_irfft2_sampling(height, width):
                                atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("norm, prior_kind", CASES[:2])
+@pytest.mark.parametrize("norm, prior_kind", CASES[:3])
 def test_torch_export_matches_eager_with_dynamic_batch(tmp_path, batch_fourier, norm, prior_kind):
     if (norm, prior_kind) == ("batch", "fourier"):
         folder, model, prior = batch_fourier
@@ -137,10 +138,11 @@ def test_torch_export_matches_eager_with_dynamic_batch(tmp_path, batch_fourier, 
 
 
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime and onnxscript not installed (optional)")
-def test_onnx_matches_eager_with_dynamic_batch(tmp_path):
+@pytest.mark.parametrize("prior_kind", ["fourier", "mixture"])
+def test_onnx_matches_eager_with_dynamic_batch(tmp_path, prior_kind):
     import onnxruntime
 
-    model, prior = make_model("batch"), make_prior("fourier")
+    model, prior = make_model("batch"), make_prior(prior_kind)
     path = str(tmp_path / "f.onnx")
     assert export_projector(model, path, steps=2, format="onnx", prior=prior) == [path, generate_path(path)]
     forward = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])

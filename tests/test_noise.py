@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ign_fast.data import load_mnist5k
-from ign_fast.noise import FourierPrior, GaussianPrior, NoisePrior, build_prior
+from ign_fast.noise import FourierPrior, GaussianPrior, MixturePrior, NoisePrior, build_prior
 
 from conftest import devices
 
@@ -181,10 +181,100 @@ def test_bad_inputs_raise():
 def test_priors_follow_module_device_and_cpu_generator_is_reproducible(device):
     fourier = FourierPrior.fit(synthetic_images(100, 1, 5, 6)).to(device)
     gaussian = GaussianPrior((1, 5, 6)).to(device)
-    for prior in (fourier, gaussian):
+    mixture = MixturePrior.fit(synthetic_images(100, 1, 5, 6), components=4, rank=2).to(device)
+    for prior in (fourier, gaussian, mixture):
         z = prior.sample(4)
         assert z.device.type == torch.device(device).type
         # A CPU generator gives the CPU numbers wherever the samples end up.
         on_device = prior.sample(4, generator=torch.Generator().manual_seed(2))
         on_cpu = prior.to("cpu").sample(4, generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(on_device.cpu(), on_cpu, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- mixture
+
+
+def three_clusters(n_per=(600, 300, 100), dim=6, seed=0):
+    """Points around three far-apart centers, each cluster stretched along its own axis: [N, dim], and the
+    known (center, share, stretched axis, its std, the others' std) of each."""
+    g = torch.Generator().manual_seed(seed)
+    parts, truth = [], []
+    for j, count in enumerate(n_per):
+        center = torch.zeros(dim)
+        center[j] = 20.0
+        std = torch.full((dim,), 0.1)
+        std[(j + 3) % dim] = 2.0
+        parts.append(center + std * torch.randn(count, dim, generator=g))
+        truth.append((center, count / sum(n_per), (j + 3) % dim, 2.0, 0.1))
+    return torch.cat(parts), truth
+
+
+def test_mixture_fit_recovers_known_clusters_and_samples_follow_them():
+    data, truth = three_clusters()
+    prior = MixturePrior.fit(data, components=3, rank=1)
+    assert prior.shape == (6,) and prior.to_config() == {"kind": "mixture", "shape": [6]}
+    samples = prior.sample(30_000, generator=torch.Generator().manual_seed(1))
+    for center, share, axis, stretched, other in truth:
+        j = int((prior.means - center).norm(dim=1).argmin())
+        torch.testing.assert_close(prior.means[j], center, atol=0.3, rtol=0)
+        assert abs(float(prior.weights[j]) - share) < 1e-6
+        assert abs(float(prior.directions[j, 0, axis].abs()) - 1) < 1e-3  # its one direction: the stretched axis
+        assert abs(float(prior.stds[j, 0]) - stretched) < 0.25
+        assert abs(float(prior.residual_stds[j]) - other) < 0.02
+        mine = samples[(samples - center).norm(dim=1) < 10]
+        assert abs(mine.shape[0] / samples.shape[0] - share) < 0.015
+        std = mine.std(0)
+        assert abs(float(std[axis]) - stretched) < 0.15
+        assert (std[torch.arange(6) != axis] - other).abs().max() < 0.02
+
+
+def test_mixture_rebuilds_from_state_dict_and_is_reproducible():
+    data, _ = three_clusters()
+    prior = MixturePrior.fit(data.view(-1, 1, 2, 3), components=4, rank=2)
+    rebuilt = build_prior(json.loads(json.dumps(prior.to_config())), state_dict=prior.state_dict())
+    assert isinstance(rebuilt, MixturePrior) and rebuilt.shape == (1, 2, 3)
+    a = prior.sample(50, generator=torch.Generator().manual_seed(7))
+    assert a.shape == (50, 1, 2, 3)
+    assert torch.equal(a, rebuilt.sample(50, generator=torch.Generator().manual_seed(7)))
+    assert not torch.equal(a, prior.sample(50, generator=torch.Generator().manual_seed(8)))
+    assert prior.sample(3, dtype=torch.float64).dtype == torch.float64
+    assert prior.sample(0).shape == (0, 1, 2, 3)
+    # fitting is deterministic: the same data gives the same prior
+    again = MixturePrior.fit(data.view(-1, 1, 2, 3), components=4, rank=2)
+    assert all(torch.equal(x, y) for x, y in zip(prior.state_dict().values(), again.state_dict().values()))
+
+
+def test_mixture_caps_rank_at_the_dimension_and_survives_tiny_clusters():
+    data = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [9.0, -9.0]])
+    prior = MixturePrior.fit(data, components=3, rank=8)
+    assert prior.stds.shape == (3, 2)
+    assert torch.isfinite(prior.sample(100)).all()
+    assert abs(float(prior.weights.sum()) - 1) < 1e-6
+
+
+def test_mixture_prior_on_mnist_draws_digit_like_noise():
+    digits = load_mnist5k("train")[0]
+    prior = build_prior("mixture", data=digits, components=16, rank=4)
+    samples = prior.sample(4000, generator=torch.Generator().manual_seed(0))
+    # the mixture's mean is the data's mean (weights are the cluster shares), and its samples' total variance
+    # is the data's: what the fitted directions miss, each cluster's residual noise carries
+    torch.testing.assert_close(samples.mean(0), digits.mean(0), atol=0.1, rtol=0)
+    assert abs(float(samples.var(0).sum() / digits.var(0).sum()) - 1) < 0.05
+
+
+def test_mixture_bad_inputs_are_one_line_errors():
+    data, _ = three_clusters()
+    with pytest.raises(ValueError, match="at least components = 5000 samples, got 1000"):
+        MixturePrior.fit(data, components=5000)
+    with pytest.raises(ValueError, match="rank must be a positive int, got 0"):
+        MixturePrior.fit(data, rank=0)
+    with pytest.raises(ValueError, match="components must be a positive int"):
+        MixturePrior.fit(data, components=2.5)
+    bad = data.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        MixturePrior.fit(bad, components=3)
+    with pytest.raises(ValueError, match="data must be given to fit a mixture prior"):
+        build_prior("mixture", shape=(6,))
+    with pytest.raises(RuntimeError, match="no statistics"):
+        MixturePrior((6,)).sample(2)
