@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_FILES = ("model.safetensors", "prior.safetensors", "optimizer.pt", "state.safetensors", "meta.json")
 EMA_FILE = "ema.safetensors"  # optional: only runs with an EMA of the weights write it
+# optional: only runs whose samples are drawn from another prior than training's (--sample-prior) write it
+SAMPLE_PRIOR_FILE = "sample_prior.safetensors"
 LATEST = "latest"
 # Test-only: seconds to sleep after the files are written and before the rename, so a crash test's SIGKILL
 # lands inside a save often (tests/test_crash_resume.py). Unset or 0 in normal use.
@@ -85,9 +87,10 @@ def _contiguous_state(tensors):
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states, keep=3, ema=None):
+def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states, keep=3, ema=None,
+                    sample_prior=None):
     """Write checkpoint `step` atomically and return its folder. ema: the averaged weights (a state dict), or
-    None."""
+    None. sample_prior: the prior generation draws from when it is not the training prior, or None."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step_{step:08d}"
@@ -105,6 +108,10 @@ def save_checkpoint(run_dir, step, *, model, optimizer, prior, meta, rng_states,
         if ema is not None:
             save_file(_contiguous_state(ema), os.path.join(tmp, EMA_FILE))
             written.append(EMA_FILE)
+        if sample_prior is not None:
+            save_file(_contiguous_state(sample_prior.state_dict()) or {"_empty": torch.zeros(0)},
+                      os.path.join(tmp, SAMPLE_PRIOR_FILE))
+            written.append(SAMPLE_PRIOR_FILE)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, format_version=1), f, indent=2, sort_keys=True)
         file_mode = 0o666 & ~_umask()  # safetensors writes 0600 whatever the umask
@@ -195,13 +202,15 @@ def load_checkpoint(path, map_location="cpu"):
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"checkpoint file {file!r} is corrupt ({str(error).splitlines()[0]})") from None
     tensors["prior"].pop("_empty", None)
-    tensors["ema"] = None
-    if os.path.isfile(os.path.join(folder, EMA_FILE)):
-        try:
-            tensors["ema"] = load_file(os.path.join(folder, EMA_FILE), device=str(map_location))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"checkpoint file {os.path.join(folder, EMA_FILE)!r} is corrupt "
-                                  f"({str(error).splitlines()[0]})") from None
+    for key, name in (("ema", EMA_FILE), ("sample_prior", SAMPLE_PRIOR_FILE)):  # optional files
+        tensors[key] = None
+        if os.path.isfile(os.path.join(folder, name)):
+            try:
+                tensors[key] = load_file(os.path.join(folder, name), device=str(map_location))
+            except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+                raise CheckpointError(f"checkpoint file {os.path.join(folder, name)!r} is corrupt "
+                                      f"({str(error).splitlines()[0]})") from None
+            tensors[key].pop("_empty", None)
     opt_file = os.path.join(folder, "optimizer.pt")
     try:
         optimizer = torch.load(opt_file, map_location=map_location, weights_only=True)
@@ -209,4 +218,5 @@ def load_checkpoint(path, map_location="cpu"):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint file {opt_file!r} is corrupt or unsafe to load ({first})") from None
     return {"folder": folder, "meta": meta, "model": tensors["model"], "prior": tensors["prior"],
-            "rng": tensors["state"], "optimizer": optimizer, "ema": tensors["ema"]}
+            "rng": tensors["state"], "optimizer": optimizer, "ema": tensors["ema"],
+            "sample_prior": tensors["sample_prior"]}

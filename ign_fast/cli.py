@@ -91,7 +91,17 @@ def _add_train_arguments(p):
                         "the same (Mask(known, fill=...)); default %(default)s, mid-gray, not the black background")
     p.add_argument("--refresh-every", type=int, default=d.refresh_every,
                    help="NAIGN: steps between new pools of candidates")
-    p.add_argument("--prior", default=d.prior, help="gaussian | fourier (default %(default)s)")
+    p.add_argument("--prior", default=d.prior,
+                   help="gaussian | fourier | mixture (a mixture of Gaussians fitted to the data: k-means clusters, "
+                        "each with its top principal directions; docs/NAIGN.md) (default %(default)s)")
+    p.add_argument("--sample-prior", default=d.sample_prior,
+                   help="the prior samples are drawn from (the grids here; ign-fast sample, eval, export), when it "
+                        "is not --prior: mixture trains from noise and generates from the data's mixture, 2-3x "
+                        "lower digit FID (docs/NAIGN.md) (default: --prior)")
+    p.add_argument("--prior-components", type=int, default=d.prior_components,
+                   help="a mixture prior: clusters of the data (default %(default)s)")
+    p.add_argument("--prior-rank", type=int, default=d.prior_rank,
+                   help="a mixture prior: principal directions kept per cluster (default %(default)s)")
     p.add_argument("--step-mode", default=d.step_mode,
                    help="auto | reference | fused | graph (default auto: fused; graph, the whole update as one CUDA "
                         "graph, is opt-in until it has passed on a GPU)")
@@ -199,7 +209,7 @@ def _load(args):
 
     device = resolve_device(args.device)
     model, prior, meta = load_trained(args.checkpoint, device, trust_model_code=args.trust_model_code,
-                                      ema=not args.no_ema)
+                                      ema=not args.no_ema, training_prior=getattr(args, "training_prior", False))
     return model, prior, meta, device
 
 
@@ -527,6 +537,7 @@ def cmd_export(args):
 
     _check_positive("--steps", args.steps)
     model, prior, meta = load_trained(args.checkpoint, "cpu", trust_model_code=args.trust_model_code,
+                                      training_prior=args.training_prior,
                                       ema=not args.no_ema)
     written = export_projector(model, args.out, steps=args.steps, format=args.format,
                                prior=None if args.no_prior else prior)
@@ -680,6 +691,12 @@ def _add_model_loading(p):
                    help="use the trained weights even where the run kept an EMA of them (default: the EMA)")
 
 
+def _add_training_prior(p):
+    p.add_argument("--training-prior", action="store_true",
+                   help="draw z from the prior the run trained from, not from its --sample-prior (for a run "
+                        "without one they are the same)")
+
+
 def _add_checkpoint_command(sub, name, help_text):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
@@ -701,6 +718,7 @@ def build_parser():
     p.add_argument("--labels", default=None, metavar="0,1,...",
                    help="class-conditional runs: the classes to draw, repeated to --n samples, one column each "
                         "(default: every class)")
+    _add_training_prior(p)
     p = _add_checkpoint_command(sub, "project", "project corrupted held-out digits (or image files) with f^n")
     p.add_argument("--corruption", default="noise", help="noise | mask | sketch (default %(default)s)")
     p.add_argument("--n", type=int, default=500, help="held-out digits to corrupt and project (default %(default)s)")
@@ -721,12 +739,14 @@ def build_parser():
     p.add_argument("--n", type=int, default=5000, help="digits to generate (default %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="n in f^n(z) (default %(default)s)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
+    _add_training_prior(p)
     p = sub.add_parser("export", help="write f^N (and generation from the prior) as a torch-only file")
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
     p.add_argument("--format", default="torchscript", help="torchscript | export | onnx (default %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="N in f^N (default %(default)s)")
     p.add_argument("--out", required=True, help="file to write (.pt for torchscript, .pt2, .onnx)")
     p.add_argument("--no-prior", action="store_true", help="export the projector only, no generation")
+    _add_training_prior(p)
     _add_model_loading(p)
     _add_checkpoint_command(sub, "ood", "AUROC of the drift score: held-out digits vs noise, inverted, rotated")
     _add_restore(sub)

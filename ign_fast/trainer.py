@@ -78,6 +78,10 @@ class TrainConfig:
     candidates: int = 8
     refresh_every: int = 4             # NAIGN: a new pool and its candidates every 4 steps (docs/NAIGN.md)
     prior: str = "gaussian"
+    sample_prior: str | None = None   # the prior generation draws from (sampling, eval, export); None: `prior`.
+                                      # "mixture": train from noise, generate from the data's mixture
+    prior_components: int = 64        # a "mixture" prior: k-means clusters of the data, each a Gaussian
+    prior_rank: int = 16              # a "mixture" prior: principal directions per cluster (docs/NAIGN.md)
     step_mode: str = "auto"            # auto: fused (graph is opt-in until it has passed on a GPU)
     device: str = "auto"
     amp: str = "auto"                 # "bf16" autocast on GPU, "none"; auto: bf16 on CUDA, none on CPU
@@ -152,10 +156,17 @@ def validate_config(c):
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {getattr(c, name)!r}")
     for name in ("steps", "batch_size", "latent_dim", "width", "log_every", "sample_every", "checkpoint_every",
-                 "keep", "candidates", "refresh_every", "max_nonfinite_steps"):
+                 "keep", "candidates", "refresh_every", "max_nonfinite_steps", "prior_components", "prior_rank"):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if c.sample_prior is not None and c.sample_prior not in PRIOR_KINDS:
+        raise ValueError(f"sample_prior must be one of {', '.join(PRIOR_KINDS)} or None (the training prior); "
+                         f"got {c.sample_prior!r}")
+    for name in ("prior", "sample_prior"):
+        if getattr(c, name) == "mixture" and c.conditional:
+            raise ValueError(f"{name} 'mixture' cannot be used with conditional: its clusters do not follow the "
+                             "labels, so a sample's cluster and its requested class would disagree")
     if c.lr_schedule != "constant" and c.step_mode == "graph":  # the captured optimizer step bakes lr in
         raise ValueError("lr_schedule 'cosine' needs step_mode auto, fused or reference: a CUDA graph replays "
                          "the learning rate it was captured with")
@@ -455,7 +466,8 @@ RUN_OUTPUTS = ("checkpoints", "samples", "samples.png", "metrics.csv", "config.j
 # Settings a checkpoint cannot carry into another value: its NAIGN pool and loss terms, its data position, its
 # prior's state and its input planes mean something only under the run's own. (The model's settings are checked
 # through its record, batch_size through the data position.) Every other setting may change at resume.
-FIXED_AT_START = ("objective", "data", "image_size", "prior", "conditional")
+FIXED_AT_START = ("objective", "data", "image_size", "prior", "sample_prior", "prior_components", "prior_rank",
+                  "conditional")
 # what a resume is expected to change, and says nothing about
 RESUME_BOOKKEEPING = ("out", "steps", "progress")
 
@@ -528,7 +540,8 @@ class Trainer:
                                                                else "the data given")
         self.data = source if isinstance(source, torch.Tensor) else None  # in memory, or None when streamed
         fit_limit = PRIOR_FIT_SAMPLES if self.data is not None else STREAMED_PRIOR_FIT_SAMPLES
-        sample = data_sample(source, fit_limit if c.prior == "fourier" else 256, c.seed)
+        fitted = {"fourier", "mixture"} & {c.prior, c.sample_prior}
+        sample = data_sample(source, fit_limit if fitted else 256, c.seed)
         count = self.data.shape[0] if self.data is not None else len(source)
         shard = math.ceil(count / world)  # as the loaders deal the data out to the ranks
         if c.batch_size // world > shard:
@@ -576,7 +589,12 @@ class Trainer:
                     f"build the model for {self.sample_shape[0] + self.num_classes} input channels)")
         check_model_fits(self.model, fit_sample, what)
         self.dist.broadcast_module(self.model)  # identical replicas, whatever each rank's RNG did
-        self.prior = build_prior(c.prior, data=sample, shape=self.sample_shape)
+        # fitted on every rank alike: the same seeded data sample, and a deterministic fit on the CPU
+        priors = {kind: build_prior(kind, data=sample, shape=self.sample_shape, components=c.prior_components,
+                                    rank=c.prior_rank) for kind in dict.fromkeys((c.prior, c.sample_prior or c.prior))}
+        self.prior = priors[c.prior]
+        # what sampling draws from: the grids here, and (saved with the run) ign-fast sample, eval and export
+        self.sample_prior = priors[c.sample_prior or c.prior]
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay is not None else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
         # one noise stream for all ranks (seed + 1, as single-process runs have always used): each rank takes
@@ -642,9 +660,13 @@ class Trainer:
         return {"config": dataclasses.asdict(self.config), "model_config": self.model_record,
                 "sample_shape": list(self.sample_shape), "ema_updates": self.ema.updates if self.ema else None,
                 "prior_config": self.prior.to_config(), "loader": self.loader.state_dict(),
+                **({"sample_prior_config": self.sample_prior.to_config()} if self._own_sample_prior() else {}),
                 "naign_calls": getattr(self.step_fn, "calls", 0), "world_size": self.dist.world_size,
                 "global_batch_size": self.config.batch_size, "data_border_mean": self.data_border_mean,
                 "conditional": self.num_classes is not None, "num_classes": self.num_classes}
+
+    def _own_sample_prior(self):
+        return self.sample_prior is not self.prior
 
     def _rng_states(self):
         """The shared noise stream, and NAIGN's global pool and candidates: the same on every rank, so rank 0's."""
@@ -663,7 +685,8 @@ class Trainer:
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.config.out, self.step, model=self.model, optimizer=self.optimizer,
                                         prior=self.prior, meta=self._meta(), rng_states=self._rng_states(),
-                                        keep=self.config.keep, ema=self.ema.state_dict() if self.ema else None)
+                                        keep=self.config.keep, ema=self.ema.state_dict() if self.ema else None,
+                                        sample_prior=self.sample_prior if self._own_sample_prior() else None)
         # no rank runs on (or exits, or resumes) before the checkpoint is complete on disk
         self.dist.barrier()
         return path
@@ -694,6 +717,8 @@ class Trainer:
             else:  # EMA switched on at resume: the average starts from the resumed weights
                 self.ema = EMA(self.model, self.config.ema_decay)
         self.prior.load_state_dict(state["prior"])
+        if self._own_sample_prior() and state.get("sample_prior") is not None:
+            self.sample_prior.load_state_dict(state["sample_prior"])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the config's, not the saved ones: a changed lr or beta applies
             group["lr"] = self.learning_rate(int(meta["step"]))
@@ -796,7 +821,7 @@ class Trainer:
         if self.num_classes is not None:
             per_row, n = 10, 10 * self.num_classes
         with torch.no_grad():
-            z = self.prior.sample(n, generator=torch.Generator().manual_seed(1234)).to(self.device)
+            z = self.sample_prior.sample(n, generator=torch.Generator().manual_seed(1234)).to(self.device)
             if self.num_classes is not None:
                 z = condition(z, torch.arange(n) // per_row, self.num_classes)
             if self.ema is not None:

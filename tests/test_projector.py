@@ -11,7 +11,7 @@ from ign_fast.cli import main
 from ign_fast.images import load_png
 from ign_fast.inference import apply_f, load_trained, slerp
 from ign_fast.models import build_model
-from ign_fast.noise import GaussianPrior
+from ign_fast.noise import GaussianPrior, MixturePrior
 
 TINY = ["--latent-dim", "8", "--width", "8", "--batch-size", "16", "--no-progress"]
 ATOL = 1e-5
@@ -44,6 +44,26 @@ def test_generate_shape_seed_and_steps(runs):
     assert not torch.equal(samples, projector.generate(7, seed=4))
     torch.testing.assert_close(projector.generate(7, steps=2, seed=3), apply_f(model, samples, 1))
     torch.testing.assert_close(projector.noise(7, seed=3), z)
+
+
+def test_set_prior_generates_from_the_prior_given(runs):
+    """A run trained without --sample-prior, sampled from a mixture fitted to data afterwards."""
+    run, export_path = runs["group"]
+    projector = Projector.load(run)
+    model, gaussian, _ = load_trained(run)
+    data = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mixture = MixturePrior.fit(data, components=3, rank=2)
+    assert projector.set_prior(mixture) is projector and projector.prior_kind == "mixture"
+    z = mixture.sample(6, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(projector.noise(6, seed=9), z)
+    torch.testing.assert_close(projector.generate(6, seed=9), apply_f(model, z, 1))
+    assert not torch.allclose(projector.generate(6, seed=9), Projector.load(run).generate(6, seed=9))
+    with pytest.raises(ValueError, match=r"input shape \[1, 28, 28\], got \[2\]"):
+        projector.set_prior(GaussianPrior((2,)))
+    with pytest.raises(TypeError, match="prior must be an ign_fast.noise prior"):
+        projector.set_prior(torch.randn)
+    with pytest.raises(ValueError, match="exported file carries its prior baked in"):
+        Projector.load(export_path).set_prior(gaussian)
 
 
 @pytest.mark.parametrize("norm", ["group", "batch"])

@@ -87,6 +87,67 @@ def test_resume_refuses_a_setting_fixed_at_the_start_and_keeps_the_run(tmp_path,
         Trainer(TrainConfig(latent_dim=8, width=8, batch_size=16, progress=False, out=run), resume=True)
 
 
+@pytest.mark.parametrize("flag", ["--prior", "--sample-prior"])
+def test_mixture_prior_run_resumes_exactly_and_keeps_its_fitted_prior(tmp_path, capsys, flag):
+    """A mixture prior is fitted to the data when the run starts and saved with it: a resumed run goes on as the
+    uninterrupted one, generation (Projector, export) draws from it, and its settings are fixed at the start.
+    --prior mixture also trains from it; --sample-prior mixture trains from gaussian noise."""
+    from ign_fast import Projector
+    from ign_fast.export import export_projector, load_torchscript
+    from ign_fast.noise import GaussianPrior, MixturePrior
+
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    args = ["train", *TINY, flag, "mixture", "--prior-components", "4", "--prior-rank", "2",
+            "--checkpoint-every", "2", "--sample-every", "100"]
+    assert main(args + ["--out", full, "--steps", "4"]) == 0
+    assert main(args + ["--out", split, "--steps", "2"]) == 0
+    assert main(["train", "--resume", "--out", split, "--steps", "4", "--no-progress"]) == 0
+    assert read_losses(full) == read_losses(split)
+    state = ckpt.load_checkpoint(split)
+    own = flag == "--sample-prior"
+    assert (state["sample_prior"] is not None) == own
+    assert (ckpt.SAMPLE_PRIOR_FILE in os.listdir(state["folder"])) == own
+    assert state["meta"]["prior_config"]["kind"] == ("gaussian" if own else "mixture")
+    saved = state["sample_prior"] if own else state["prior"]
+    projector = Projector.load(split)
+    prior = projector.prior
+    assert isinstance(prior, MixturePrior) and tuple(prior.stds.shape) == (4, 2)
+    assert torch.equal(prior.means, saved["means"]) and prior.weights.sum().item() == pytest.approx(1.0)
+    if own:  # the trainer itself draws its training noise from a standard normal prior
+        trainer = Trainer(TrainConfig(latent_dim=8, width=8, batch_size=16, steps=4, progress=False, out=split,
+                                      sample_prior="mixture", prior_components=4, prior_rank=2), resume=True)
+        assert isinstance(trainer.prior, GaussianPrior) and trainer.sample_prior is not trainer.prior
+        assert torch.equal(trainer.sample_prior.means, saved["means"])
+        trainer.close()
+        # --training-prior: z from the standard normal noise it trained from, not from the mixture
+        from safetensors.torch import load_file
+
+        for extra, expected in (([], prior.sample(3, generator=torch.Generator().manual_seed(0))),
+                                (["--training-prior"], torch.randn(3, 1, 28, 28,
+                                                                   generator=torch.Generator().manual_seed(0)))):
+            out = str(tmp_path / f"samples{len(extra)}")
+            assert main(["sample", split, "--n", "3", "--steps", "1", "--out", out, *extra]) == 0
+            tensors, = [name for name in os.listdir(out) if name.endswith(".safetensors")]
+            z = load_file(os.path.join(out, tensors))["z"]
+            torch.testing.assert_close(z, expected)
+    path = str(tmp_path / "f.pt")
+    export_projector(projector.model, path, prior=prior)
+    scripted, metadata = load_torchscript(path)
+    assert metadata["prior"] == "mixture"
+    torch.testing.assert_close(scripted.generate(3, 5), projector.generate(3, seed=5), atol=1e-5, rtol=0)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", split, "--steps", "6", "--prior-components", "8"]) == 2
+    one_error_line(capsys, "prior_components 4, got 8")
+    assert main(["train", *TINY, "--out", str(tmp_path / "c"), "--steps", "1", flag, "mixture",
+                 "--conditional"]) == 2
+    one_error_line(capsys, f"{flag[2:].replace('-', '_')} 'mixture' cannot be used with conditional")
+    assert main(["train", *TINY, "--out", str(tmp_path / "k"), "--steps", "1", flag, "mixture",
+                 "--prior-components", "0"]) == 2
+    one_error_line(capsys, "prior_components must be a positive integer, got 0")
+    assert main(["train", *TINY, "--out", str(tmp_path / "b"), "--steps", "1", "--sample-prior", "uniform"]) == 2
+    one_error_line(capsys, "sample_prior must be one of gaussian, fourier, mixture or None")
+
+
 def test_eval_of_a_run_that_is_not_digits_says_what_measures_it_instead(tmp_path, capsys):
     run = str(tmp_path / "toy")
     assert main(["train", "--data", "moons", "--model", "mlp", "--steps", "1", "--batch-size", "16", "--out", run,
