@@ -259,6 +259,10 @@ class Projector:
         projector = cls(apply, sample_noise, lambda z: z, tuple(prior.shape), prior.kind, "checkpoint",
                         num_classes=model.num_classes if conditional else None)
         projector.model, projector.prior = model, prior
+        # the noise f was trained on, which restore(method="latent") starts from: the run's --prior, also where
+        # it samples from another (--sample-prior) or set_prior changed what generate draws from
+        projector.training_prior = (prior if meta.get("sample_prior_config") is None
+                                    else build_prior(meta["prior_config"], state_dict=state["prior"]))
         # the corruptions f was trained to undo (the restoration term), which restore(method="auto") uses
         config = meta.get("config") or {}
         taught = str(config.get("restore_corruptions", "")) if (config.get("lambda_restore") or 0) > 0 else ""

@@ -119,6 +119,18 @@ def test_mixture_prior_run_resumes_exactly_and_keeps_its_fitted_prior(tmp_path, 
         assert isinstance(trainer.prior, GaussianPrior) and trainer.sample_prior is not trainer.prior
         assert torch.equal(trainer.sample_prior.means, saved["means"])
         trainer.close()
+        # restore's "latent" starts are the noise f trained on, whatever generate draws from: the same result
+        # with the mixture and with the training prior set as the projector's prior
+        from ign_fast.operators import Mask
+
+        assert isinstance(projector.training_prior, GaussianPrior)
+        x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        known = torch.ones(1, 1, 28, 28)
+        known[..., 8:20, 8:20] = 0
+        restored = projector.restore(Mask(known).A(x), Mask(known), method="latent", steps=2, starts=2)
+        gaussian = Projector.load(split).set_prior(projector.training_prior)
+        torch.testing.assert_close(gaussian.restore(Mask(known).A(x), Mask(known), method="latent", steps=2,
+                                                    starts=2), restored)
         # --training-prior: z from the standard normal noise it trained from, not from the mixture
         from safetensors.torch import load_file
 
@@ -130,6 +142,8 @@ def test_mixture_prior_run_resumes_exactly_and_keeps_its_fitted_prior(tmp_path, 
             tensors, = [name for name in os.listdir(out) if name.endswith(".safetensors")]
             z = load_file(os.path.join(out, tensors))["z"]
             torch.testing.assert_close(z, expected)
+    else:
+        assert projector.training_prior is projector.prior
     path = str(tmp_path / "f.pt")
     export_projector(projector.model, path, prior=prior)
     scripted, metadata = load_torchscript(path)
