@@ -268,7 +268,8 @@ class MixturePrior(NoisePrior):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}")
         if data.shape[0] < components:
-            raise ValueError(f"data must hold at least components = {components} samples, got {data.shape[0]}")
+            raise ValueError(f"components must be at most the number of data samples ({data.shape[0]}), got "
+                             f"{components}")
         flat = data.flatten(1).double()
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("data contains NaN or inf")

@@ -590,8 +590,12 @@ class Trainer:
         check_model_fits(self.model, fit_sample, what)
         self.dist.broadcast_module(self.model)  # identical replicas, whatever each rank's RNG did
         # fitted on every rank alike: the same seeded data sample, and a deterministic fit on the CPU
+        kinds = dict.fromkeys((c.prior, c.sample_prior or c.prior))  # one prior where both are the same
+        if "mixture" in kinds and sample.shape[0] < c.prior_components:
+            raise ValueError(f"prior_components must be at most the number of data samples the mixture is fitted "
+                             f"to ({sample.shape[0]}), got {c.prior_components}")
         priors = {kind: build_prior(kind, data=sample, shape=self.sample_shape, components=c.prior_components,
-                                    rank=c.prior_rank) for kind in dict.fromkeys((c.prior, c.sample_prior or c.prior))}
+                                    rank=c.prior_rank) for kind in kinds}
         self.prior = priors[c.prior]
         # what sampling draws from: the grids here, and (saved with the run) ign-fast sample, eval and export
         self.sample_prior = priors[c.sample_prior or c.prior]

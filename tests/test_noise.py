@@ -264,7 +264,7 @@ def test_mixture_prior_on_mnist_draws_digit_like_noise():
 
 def test_mixture_bad_inputs_are_one_line_errors():
     data, _ = three_clusters()
-    with pytest.raises(ValueError, match="at least components = 5000 samples, got 1000"):
+    with pytest.raises(ValueError, match=r"components must be at most the number of data samples \(1000\), got 5000"):
         MixturePrior.fit(data, components=5000)
     with pytest.raises(ValueError, match="rank must be a positive int, got 0"):
         MixturePrior.fit(data, rank=0)

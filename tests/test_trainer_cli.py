@@ -158,6 +158,11 @@ def test_mixture_prior_run_resumes_exactly_and_keeps_its_fitted_prior(tmp_path, 
     assert main(["train", *TINY, "--out", str(tmp_path / "k"), "--steps", "1", flag, "mixture",
                  "--prior-components", "0"]) == 2
     one_error_line(capsys, "prior_components must be a positive integer, got 0")
+    assert main(["train", *TINY, "--out", str(tmp_path / "m"), "--steps", "1", flag, "mixture",
+                 "--prior-components", "5000"]) == 2
+    one_error_line(capsys, "prior_components must be at most the number of data samples the mixture is fitted to "
+                           "(4000), got 5000")
+    assert not os.path.exists(str(tmp_path / "m"))
     assert main(["train", *TINY, "--out", str(tmp_path / "b"), "--steps", "1", "--sample-prior", "uniform"]) == 2
     one_error_line(capsys, "sample_prior must be one of gaussian, fourier, mixture or None")
 
