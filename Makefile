@@ -15,7 +15,7 @@ DEMO_STEPS ?= 2000
 # at 2,000 steps the model is undertrained: a 4x learning rate and 16 candidates per digit (refreshed every 8 steps,
 # so no more candidate forwards per step) lower the digit FID by 1.3-2.6 on each of three seeds. It trains from
 # gaussian noise and generates from a mixture of 64 Gaussians fitted to the digits (--sample-prior mixture, docs/NAIGN.md
-# "A mixture prior to sample from"): the same training, 2.5-3x lower digit FID on each of three seeds.
+# "A mixture prior to sample from"): the same training, 2.8-3.7x lower digit FID on each of three seeds.
 DEMO_FLAGS ?= --lambda-imle 4 --lambda-restore 0.5 --restore-corruptions noise --lr 2e-3 --candidates 16 --refresh-every 8 \
 	--sample-prior mixture
 # auto: bf16 autocast on a GPU, float32 on a CPU. On a CPU with AMX (lscpu lists amx_bf16) DEMO_AMP=bf16 makes a step

@@ -96,7 +96,7 @@ def _add_train_arguments(p):
                         "each with its top principal directions; docs/NAIGN.md) (default %(default)s)")
     p.add_argument("--sample-prior", default=d.sample_prior,
                    help="the prior samples are drawn from (the grids here; ign-fast sample, eval, export), when it "
-                        "is not --prior: mixture trains from noise and generates from the data's mixture, 2-3x "
+                        "is not --prior: mixture trains from noise and generates from the data's mixture, about 3x "
                         "lower digit FID (docs/NAIGN.md) (default: --prior)")
     p.add_argument("--prior-components", type=int, default=d.prior_components,
                    help="a mixture prior: clusters of the data (default %(default)s)")

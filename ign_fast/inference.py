@@ -272,7 +272,7 @@ class Projector:
     def set_prior(self, prior):
         """Generate from `prior` from now on: an ign_fast.noise prior of the model's input shape. For a run trained
         without --sample-prior, e.g. ``projector.set_prior(MixturePrior.fit(training_images))`` draws its samples
-        from a mixture fitted to the data, which lowers digit FID 2.5-3x (docs/NAIGN.md). Returns self."""
+        from a mixture fitted to the data, which lowered digit FID about 3x on MNIST (docs/NAIGN.md). Returns self."""
         from .noise import NoisePrior
 
         if self.source != "checkpoint":
