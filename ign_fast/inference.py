@@ -40,8 +40,9 @@ def generate(model, z, steps=1):
 
 
 def _rebuild(state, where, model=None, trust_model_code=False, ema=True, training_prior=False):
-    """(model, prior) from a checkpoint's state, prior being what generation draws from: the run's sample
-    prior where it has one (--sample-prior), else, or with training_prior, its training prior. CheckpointError
+    """(model, prior, trained_on) from a checkpoint's state: prior is what generation draws from, the run's
+    sample prior where it has one (--sample-prior), else, or with training_prior, its training prior, which is
+    trained_on (restore's latent starts: the noise f was trained on). CheckpointError
     (one line) when its meta or weights do not describe a model: a hand-edited meta.json or another program's
     checkpoint must not end in a KeyError.
 
@@ -69,7 +70,7 @@ def _rebuild(state, where, model=None, trust_model_code=False, ema=True, trainin
             model = rebuild(meta["model_config"], trust_model_code)
         weights = state.get("ema") if ema and state.get("ema") is not None else state["model"]
         model.load_state_dict(weights)
-        prior = build_prior(meta["prior_config"], state_dict=state["prior"])
+        trained_on = prior = build_prior(meta["prior_config"], state_dict=state["prior"])
         if meta.get("sample_prior_config") is not None and not training_prior:  # it generates from another prior
             if state.get("sample_prior") is None:
                 raise ValueError(f"its meta names a sample prior but {SAMPLE_PRIOR_FILE} is missing")
@@ -79,14 +80,14 @@ def _rebuild(state, where, model=None, trust_model_code=False, ema=True, trainin
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {where} does not describe a loadable model ({first})") from None
-    return model, prior
+    return model, prior, trained_on
 
 
 def load_trained(path, device="cpu", model=None, trust_model_code=False, ema=True, training_prior=False):
     """(model, prior, meta) from a run folder or checkpoint folder, on device, in eval mode. prior: what the run
     generates from (its sample prior, where it has one); with training_prior, the one it trained from."""
     state = load_checkpoint(path)
-    model, prior = _rebuild(state, repr(state["folder"]), model, trust_model_code, ema, training_prior)
+    model, prior, _ = _rebuild(state, repr(state["folder"]), model, trust_model_code, ema, training_prior)
     return model.to(device).eval(), prior, state["meta"]
 
 
@@ -237,7 +238,7 @@ class Projector:
         meta = state["meta"]
         if not isinstance(meta, dict) or "model_config" not in meta or "prior_config" not in meta:
             raise ValueError("path_or_checkpoint dict's meta lacks model_config or prior_config")
-        model, prior = _rebuild(state, repr(state.get("folder", "dict")), model, trust_model_code, ema)
+        model, prior, trained_on = _rebuild(state, repr(state.get("folder", "dict")), model, trust_model_code, ema)
         model = model.to(device).eval()
 
         def sample_noise(n, seed=None):
@@ -261,8 +262,7 @@ class Projector:
         projector.model, projector.prior = model, prior
         # the noise f was trained on, which restore(method="latent") starts from: the run's --prior, also where
         # it samples from another (--sample-prior) or set_prior changed what generate draws from
-        projector.training_prior = (prior if meta.get("sample_prior_config") is None
-                                    else build_prior(meta["prior_config"], state_dict=state["prior"]))
+        projector.training_prior = trained_on
         # the corruptions f was trained to undo (the restoration term), which restore(method="auto") uses
         config = meta.get("config") or {}
         taught = str(config.get("restore_corruptions", "")) if (config.get("lambda_restore") or 0) > 0 else ""
